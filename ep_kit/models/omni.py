@@ -1,0 +1,631 @@
+"""The Qwen2.5-Omni thinker, cut open at the token-reduction point (the one module that knows transformers).
+
+Everything upstream of the cut runs *through* transformers: token embeddings, the audio and
+vision encoders (``get_audio_features`` / ``get_video_features`` / ``get_image_features``), the
+placeholder scatter (``get_placeholder_mask``) and the 3-axis TMRoPE positions of the *full*
+sequence (``get_rope_index``). The merged sequence becomes a :class:`~ep_kit.sequence.TokenSequence`
+and is handed to the reducer (CS2, a baseline, or none). Downstream of the cut the thinker's own
+transformers decoder layers run on the kept tokens, but the loop is ours so that
+
+* kept tokens keep their ORIGINAL positions (all axes) through the kit's rotary module, passed as
+  ``position_embeddings`` -- gappy ``position_ids`` never reach the attention kernels (flash
+  attention would read gaps as packed-sequence boundaries);
+* in-LLM reducers (FastV, PyramidDrop) can drop tokens between layers;
+* generation decodes from the KV cache of the *reduced* prefill.
+
+With ``keep_ratio=1.0``, ``reducer=None`` and TMRoPE, :meth:`OmniThinker.forward` reproduces the stock
+``Qwen2_5OmniThinkerForConditionalGeneration`` logits (tested for sdpa and eager).
+
+Building blocks for reducers and baselines (all on :class:`~ep_kit.sequence.TokenSequence`):
+``embed(batch)`` (merged, right-padded, full positions), ``context(seq, batch)``,
+``reduce_before_llm(seq, ctx)``, ``run_llm(seq, ctx, cache)`` (decoder with in-LLM drops),
+``run_layers(seq, start, end, cache)`` (plain causal run of decoder layers ``[start, end)``),
+``rope_embeddings(seq)`` (cos, sin), ``causal_kwargs(seq)`` (mask kwargs for the backend),
+``decoder_layers``, ``final_norm``, ``lm_head``, ``embed_tokens``, ``candidate_mask(seq)``,
+``hidden_size``, ``num_layers``, ``head_dim``, ``attn_implementation``.
+
+Tested transformers range: 5.24 (the layout ``thinker.model.{audio_tower, visual, language_model}``
+and the ``cache=`` keyword of decoder layers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    DynamicCache,
+    Qwen2_5OmniConfig,
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+)
+
+from ep_kit.budget import check_ratio
+from ep_kit.masks import Causal
+from ep_kit.reducers.base import ReductionContext, TokenReducer
+from ep_kit.rope import MultiAxisRoPE, TMRoPE
+from ep_kit.sequence import Modality, TokenSequence
+from ep_kit.tokens import QWEN_OMNI_SPECIAL_TOKENS, TINY_SPECIAL_TOKENS
+
+SUPPORTED_ATTN = ("sdpa", "eager", "flash_attention_2")
+CANDIDATE_NAMES: dict[str, Modality] = {"video": Modality.VIDEO, "audio": Modality.AUDIO}
+THINKER_MODEL_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+
+
+@dataclass
+class OmniOutput:
+    """Result of :meth:`OmniThinker.forward`.
+
+    Attributes:
+        loss: mean next-token cross-entropy over the kept labels (HF shift convention), or None.
+        logits: ``(B, L_kept, V)`` logits at the kept tokens, aligned with ``kept``.
+        kept: the sequence the last decoder layer ran on (right padded, original positions,
+            ``source_index`` = input column of each kept token); ``hidden`` = final-norm output.
+        stats: per-sample kept counts per modality, realised keep ratio, audio share, reducer extras.
+    """
+
+    loss: Tensor | None
+    logits: Tensor
+    kept: TokenSequence
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def read_thinker_config(path: str | Path) -> Qwen2_5OmniThinkerConfig:
+    """Thinker config of a local checkpoint directory (full Qwen2.5-Omni or thinker-only).
+
+    Raises ``FileNotFoundError`` for a missing directory or ``config.json`` and ``ValueError`` for a
+    config whose ``model_type`` is not a Qwen2.5-Omni one, naming the file.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint path {root} is not a directory")
+    cfg_file = root / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{root} is not a Qwen2.5-Omni checkpoint: no config.json in it")
+    model_type = _load_json(cfg_file).get("model_type")
+    if model_type == "qwen2_5_omni":
+        config = Qwen2_5OmniConfig.from_pretrained(root).thinker_config
+    elif model_type == "qwen2_5_omni_thinker":
+        config = Qwen2_5OmniThinkerConfig.from_pretrained(root)
+    else:
+        raise ValueError(
+            f"{cfg_file}: model_type {model_type!r} is not a Qwen2.5-Omni checkpoint "
+            f"(expected one of {THINKER_MODEL_TYPES})"
+        )
+    ensure_vision_start_token(config)
+    return config
+
+
+def ensure_vision_start_token(config: Qwen2_5OmniThinkerConfig) -> None:
+    """Set ``vision_start_token_id`` when a config lacks it (``get_rope_index`` needs it on any video)."""
+    if getattr(config, "vision_start_token_id", None) is not None:
+        return
+    for table in (QWEN_OMNI_SPECIAL_TOKENS, TINY_SPECIAL_TOKENS):
+        if config.video_token_id == table["<|VIDEO|>"]:
+            config.vision_start_token_id = table["<|vision_bos|>"]
+            return
+    raise ValueError(
+        "thinker config has no vision_start_token_id and its video_token_id "
+        f"{config.video_token_id} matches no known vocabulary: set config.vision_start_token_id"
+    )
+
+
+class OmniThinker(nn.Module):
+    """Qwen2.5-Omni thinker + rotary module + token reducer.
+
+    Args:
+        thinker: a real ``Qwen2_5OmniThinkerForConditionalGeneration`` (random or pretrained).
+        rope: the rotary layout used by the sieve and the main decoder. None = TMRoPE with the
+            config's ``mrope_section`` (the stock model). It is bound to the model's head_dim and
+            rope_theta here (``ValueError`` if its sections do not fit).
+        reducer: the token-reduction method, or None (no reduction). ``reducer.attach(self)`` is
+            called here. Note: a CS2 reducer at ``keep_ratio=1.0`` still runs its sieve (it
+            rewrites prompt and A/V states); only ``reducer=None`` gives the stock model.
+        keep_ratio: the budget ``r`` in (0, 1] over the candidate pool of each sample.
+        candidate_modalities: which modalities form the pool (``"video"`` covers images too).
+        freeze_encoders: audio and vision encoders get ``requires_grad=False`` (paper setting).
+        train_llm: whether the decoder, embeddings and lm_head are trainable.
+    """
+
+    def __init__(
+        self,
+        thinker: Qwen2_5OmniThinkerForConditionalGeneration,
+        rope: MultiAxisRoPE | None = None,
+        reducer: TokenReducer | None = None,
+        keep_ratio: float = 1.0,
+        candidate_modalities: Sequence[str] = ("video", "audio"),
+        freeze_encoders: bool = True,
+        train_llm: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(thinker, Qwen2_5OmniThinkerForConditionalGeneration):
+            raise TypeError(
+                f"thinker must be a Qwen2_5OmniThinkerForConditionalGeneration, got {type(thinker).__name__}"
+            )
+        self.thinker = thinker
+        ensure_vision_start_token(thinker.config)
+        text = self.text_config
+        rope_params = dict(text.rope_parameters or {})
+        if rope_params.get("rope_type", "default") != "default":
+            raise ValueError(
+                f"text_config.rope_parameters.rope_type={rope_params.get('rope_type')!r}: only 'default' rotary "
+                "frequencies are supported by the kit's rotary module"
+            )
+        if rope is None:
+            rope = TMRoPE(mrope_section=list(rope_params.get("mrope_section", [16, 24, 24])))
+        self.rope = rope.bind(self.head_dim, float(rope_params["rope_theta"]))
+        if self.attn_implementation not in SUPPORTED_ATTN:
+            raise ValueError(
+                f"attn_implementation {self.attn_implementation!r} is not supported; use one of {SUPPORTED_ATTN}"
+            )
+        self.keep_ratio = check_ratio(keep_ratio, "keep_ratio")
+        names = list(candidate_modalities)
+        bad = [n for n in names if n not in CANDIDATE_NAMES]
+        if not names or bad:
+            raise ValueError(
+                f"candidate_modalities must be a non-empty subset of {sorted(CANDIDATE_NAMES)}, got {names!r}"
+            )
+        self.candidate_modalities = tuple(dict.fromkeys(names))
+        self.causal = Causal()
+        self.set_encoders_trainable(not freeze_encoders)
+        self.set_llm_trainable(train_llm)
+        self.reducer = reducer
+        if reducer is not None:
+            reducer.attach(self)
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: Qwen2_5OmniThinkerConfig, **components: Any) -> OmniThinker:
+        """Random-weight thinker from a config (tests, synthetic benchmarks); ``components`` go to ``__init__``."""
+        attn = getattr(config, "_attn_implementation", None) or "sdpa"
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config, attn_implementation=attn)
+        return cls(thinker, **components)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str = "auto",
+        attn_implementation: str = "sdpa",
+        **components: Any,
+    ) -> OmniThinker:
+        """Load the thinker from a local Qwen2.5-Omni directory (full model or thinker-only).
+
+        ``attn_implementation="flash_attention_2"`` needs the ``flash_attn`` package. Talker and
+        token2wav weights of a full checkpoint are ignored. The kit's own trained weights (written by
+        :func:`ep_kit.models.checkpoint.export_hf`) are loaded when the directory holds them, and
+        official EchoingPixels sieve/scorer weights when a CS2 reducer is given.
+        """
+        if attn_implementation not in SUPPORTED_ATTN:
+            raise ValueError(f"attn_implementation must be one of {SUPPORTED_ATTN}, got {attn_implementation!r}")
+        if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ImportError("attn_implementation='flash_attention_2' needs the flash_attn package (pip install ep-kit[flash])")
+        config = read_thinker_config(path)
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+            str(path), config=config, dtype=dtype, attn_implementation=attn_implementation
+        )
+        model = cls(thinker, **components)
+        from ep_kit.models import checkpoint  # local import: checkpoint imports this module
+
+        checkpoint.load_extras_from_dir(model, Path(path))
+        return model
+
+    # --------------------------------------------------------------- trainables
+    def set_encoders_trainable(self, trainable: bool) -> None:
+        """Freeze (default) or unfreeze the audio and vision encoders."""
+        for module in (self.thinker.model.audio_tower, self.thinker.model.visual):
+            module.requires_grad_(trainable)
+
+    def set_llm_trainable(self, trainable: bool) -> None:
+        """Make the decoder (embeddings, layers, norm) and lm_head trainable or frozen."""
+        self.thinker.model.language_model.requires_grad_(trainable)
+        self.thinker.lm_head.requires_grad_(trainable)
+
+    def gradient_checkpointing_enable(self, use_reentrant: bool = False) -> None:
+        """Activation checkpointing for the encoders, the decoder layers AND the reducer's layer copies.
+
+        (transformers' own switch only reaches modules under the thinker; the sieve's copies are not.)
+        """
+        self.thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        func = getattr(self.decoder_layers[0], "_gradient_checkpointing_func", None)
+        if self.reducer is not None and func is not None:
+            for module in self.reducer.modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module._gradient_checkpointing_func = func
+                    module.gradient_checkpointing = True
+
+    # -------------------------------------------------------------- properties
+    @property
+    def config(self) -> Qwen2_5OmniThinkerConfig:
+        return self.thinker.config
+
+    @property
+    def text_config(self):
+        return self.thinker.config.text_config
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The thinker's transformers ``Qwen2_5OmniDecoderLayer`` list (the main LLM)."""
+        return self.thinker.model.language_model.layers
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.thinker.model.language_model.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.thinker.model.language_model.norm
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.thinker.lm_head
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def head_dim(self) -> int:
+        text = self.text_config
+        return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention backend of the decoder layers ("sdpa", "eager" or "flash_attention_2")."""
+        return self.text_config._attn_implementation or "sdpa"
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.text_config.pad_token_id
+        return int(pad) if pad is not None else 0
+
+    # -------------------------------------------------------------------- embed
+    def embed(self, batch: Mapping[str, Any]) -> TokenSequence:
+        """Merged input sequence, before any reduction.
+
+        ``batch`` holds the Qwen2.5-Omni processor outputs (``input_ids``, ``attention_mask``,
+        ``pixel_values_videos``/``video_grid_thw``/``video_second_per_grid``, ``input_features``/
+        ``feature_attention_mask``, ``pixel_values``/``image_grid_thw``, ``use_audio_in_video``)
+        plus optional ``labels`` (-100 = ignore) and ``answer_mask`` (default ``labels != -100``).
+        Encoders and scatter run through transformers, positions through its ``get_rope_index`` on
+        the full sequence. Left- or right-padded input is returned right padded;
+        ``source_index`` is the input column of every token.
+        """
+        input_ids: Tensor = batch["input_ids"]
+        if input_ids.ndim != 2:
+            raise ValueError(f"batch['input_ids'] must be (B, L), got shape {tuple(input_ids.shape)}")
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"batch['attention_mask'] shape {tuple(attention_mask.shape)} differs from input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        model = self.thinker.model
+        embeds = model.get_input_embeddings()(input_ids)
+        embeds = self._scatter_media(batch, input_ids, embeds)
+
+        feature_mask = batch.get("feature_attention_mask")
+        audio_seqlens = feature_mask.sum(-1) if feature_mask is not None else None
+        pos3, _ = model.get_rope_index(
+            input_ids,
+            batch.get("image_grid_thw"),
+            batch.get("video_grid_thw"),
+            attention_mask.long(),
+            bool(batch.get("use_audio_in_video", False)),
+            audio_seqlens,
+            batch.get("video_second_per_grid"),
+        )
+        real = attention_mask.bool()
+        modality = self.modality_of(input_ids, real)
+        labels = batch.get("labels")
+        answer = batch.get("answer_mask")
+        if answer is None:
+            answer = labels != -100 if labels is not None else torch.zeros_like(real)
+        answer = answer.bool() & real
+
+        # Normalise to right padding: real tokens first, in order (stable sort).
+        B, L = input_ids.shape
+        lengths = real.sum(-1)
+        new_len = int(lengths.max().item()) if B else 0
+        order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices[:, :new_len]
+        valid = torch.arange(new_len, device=real.device)[None, :] < lengths[:, None]
+
+        def take(x: Tensor, fill: int) -> Tensor:
+            if x.ndim == 3:
+                g = torch.gather(x, -1, order[None].expand(x.shape[0], B, new_len))
+                return torch.where(valid[None], g, torch.full_like(g, fill))
+            g = torch.gather(x, 1, order)
+            return torch.where(valid, g, torch.full_like(g, fill))
+
+        D = embeds.shape[-1]
+        hidden = torch.gather(embeds, 1, order[..., None].expand(B, new_len, D)) * valid[..., None].to(embeds.dtype)
+        positions = self.rope.expand_positions(take(pos3.to(input_ids.device).long(), 0))
+        return TokenSequence(
+            hidden=hidden,
+            modality=take(modality, int(Modality.PAD)),
+            positions=positions,
+            attention_mask=valid,
+            answer_mask=take(answer.long(), 0).bool(),
+            input_ids=take(input_ids, self.pad_token_id),
+            labels=None if labels is None else take(labels.long(), -100),
+            source_index=torch.where(valid, order, torch.full_like(order, -1)),
+        )
+
+    def _scatter_media(self, batch: Mapping[str, Any], input_ids: Tensor, embeds: Tensor) -> Tensor:
+        """Run the encoders and scatter their features at the placeholders, as the stock thinker does."""
+        model = self.thinker.model
+        features = batch.get("input_features")
+        if features is not None:
+            feature_mask = batch.get("feature_attention_mask")
+            if feature_mask is None:
+                raise ValueError("batch has input_features but no feature_attention_mask")
+            audio = model.get_audio_features(features, feature_mask, return_dict=True).last_hidden_state
+            _, _, audio_mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds)
+            n_slots = int(audio_mask[..., 0].sum())
+            if n_slots != audio.shape[0]:
+                raise ValueError(
+                    f"batch['input_ids'] has {n_slots} audio placeholder tokens but the audio encoder returned "
+                    f"{audio.shape[0]} features (check feature_attention_mask)"
+                )
+            embeds = embeds.masked_scatter(audio_mask, audio.to(embeds.device, embeds.dtype))
+        for kind, pix_key, grid_key, getter in (
+            ("image", "pixel_values", "image_grid_thw", model.get_image_features),
+            ("video", "pixel_values_videos", "video_grid_thw", model.get_video_features),
+        ):
+            pixels = batch.get(pix_key)
+            if pixels is None:
+                continue
+            grid = batch.get(grid_key)
+            if grid is None:
+                raise ValueError(f"batch has {pix_key} but no {grid_key}")
+            feats = torch.cat(getter(pixels, grid, return_dict=True).pooler_output, dim=0)
+            feats = feats.to(embeds.device, embeds.dtype)
+            kwargs = {f"{kind}_features": feats}
+            masks = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, **kwargs)
+            mask = masks[0] if kind == "image" else masks[1]
+            embeds = embeds.masked_scatter(mask, feats)
+        return embeds
+
+    def modality_of(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``(B, L)`` modality ids: image/video placeholders -> VIDEO, audio -> AUDIO, padding -> PAD."""
+        cfg = self.config
+        modality = torch.full_like(input_ids, int(Modality.TEXT))
+        modality[(input_ids == cfg.video_token_id) | (input_ids == cfg.image_token_id)] = int(Modality.VIDEO)
+        modality[input_ids == cfg.audio_token_id] = int(Modality.AUDIO)
+        modality[~attention_mask.bool()] = int(Modality.PAD)
+        return modality
+
+    def candidate_mask(self, seq: TokenSequence) -> Tensor:
+        """``(B, L)`` bool: real tokens of the configured candidate modalities."""
+        return seq.is_modality(*(CANDIDATE_NAMES[n] for n in self.candidate_modalities))
+
+    # --------------------------------------------------------------- decoder run
+    def rope_embeddings(self, seq: TokenSequence) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` of ``seq.positions`` under the kit's rotary layout, in the hidden dtype."""
+        return self.rope(seq.positions, dtype=seq.hidden.dtype)
+
+    def causal_kwargs(self, seq: TokenSequence) -> dict:
+        """Causal attention kwargs (``attention_mask``, ``is_causal``) for the decoder layers on ``seq``."""
+        return self.causal.layer_kwargs(seq, self.attn_implementation, seq.hidden.dtype, exclude_answer_keys=False)
+
+    def run_layers(
+        self,
+        seq: TokenSequence,
+        start: int = 0,
+        end: int | None = None,
+        cache: DynamicCache | None = None,
+    ) -> TokenSequence:
+        """Run decoder layers ``[start, end)`` causally on ``seq`` (no reduction); returns ``seq`` with new hidden.
+
+        Positions come from ``seq.positions`` through the kit's rotary module; ``position_ids`` are
+        never passed to the attention kernels. With ``cache``, keys/values are appended to it.
+        """
+        end = self.num_layers if end is None else end
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) is outside the decoder's {self.num_layers} layers")
+        cos_sin = self.rope_embeddings(seq)
+        kwargs = self.causal_kwargs(seq)
+        hidden = seq.hidden
+        for layer in self.decoder_layers[start:end]:
+            hidden = layer(
+                hidden,
+                position_embeddings=cos_sin,
+                position_ids=None,
+                cache=cache,
+                use_cache=cache is not None,
+                **kwargs,
+            )
+        return seq.replace(hidden=hidden)
+
+    def context(self, seq: TokenSequence, batch: Mapping[str, Any] | None = None) -> ReductionContext:
+        """A fresh :class:`ReductionContext` for ``seq`` (budget, candidate pool, this model, raw batch)."""
+        return ReductionContext(
+            keep_ratio=self.keep_ratio, candidates=self.candidate_mask(seq), model=self, batch=dict(batch or {})
+        )
+
+    def reduce_before_llm(self, seq: TokenSequence, ctx: ReductionContext) -> TokenSequence:
+        """Apply the reducer's pre-LLM stage (CS2, random, OmniZip...); identity without reducer."""
+        if self.reducer is None:
+            return seq
+        out = self.reducer.before_llm(seq, ctx)
+        ctx.candidates = self.candidate_mask(out)
+        return out
+
+    def run_llm(
+        self, seq: TokenSequence, ctx: ReductionContext, cache: DynamicCache | None = None
+    ) -> tuple[TokenSequence, list[Tensor]]:
+        """The main decoder with in-LLM drops; returns (sequence with pre-norm hidden, key mask per layer).
+
+        ``key_masks[i]`` is the ``(B, L_i)`` padding mask of the keys layer ``i`` saw (and cached).
+        """
+        drops = set(self.reducer.drop_before_layers) if self.reducer is not None else set()
+        bounds = sorted({0, self.num_layers, *(d for d in drops if 0 < d < self.num_layers)})
+        key_masks: list[Tensor] = []
+        ctx.stats.setdefault("llm_candidates_per_layer", [])
+        for start, end in zip(bounds[:-1], bounds[1:], strict=False):
+            if start in drops:
+                ctx.candidates = self.candidate_mask(seq)
+                seq = self.reducer.in_llm(seq, start, ctx)
+                ctx.candidates = self.candidate_mask(seq)
+            seq = self.run_layers(seq, start, end, cache=cache)
+            key_masks.extend([seq.attention_mask] * (end - start))
+            ctx.stats["llm_candidates_per_layer"].extend([self.candidate_mask(seq).sum(-1)] * (end - start))
+        return seq, key_masks
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Mapping[str, Any]) -> OmniOutput:
+        """Embed, reduce, run the decoder on the kept tokens, lm_head, loss on gathered labels."""
+        full = self.embed(batch)
+        ctx = self.context(full, batch)
+        seq = self.reduce_before_llm(full, ctx)
+        seq, _ = self.run_llm(seq, ctx)
+        hidden = self.final_norm(seq.hidden)
+        logits = self.lm_head(hidden)
+        loss = None
+        if seq.labels is not None:
+            loss = self.thinker.loss_function(
+                logits=logits, labels=seq.labels, vocab_size=self.text_config.vocab_size
+            )
+        kept = seq.replace(hidden=hidden)
+        return OmniOutput(loss=loss, logits=logits, kept=kept, stats=self.budget_stats(full, kept, ctx))
+
+    def budget_stats(self, full: TokenSequence, kept: TokenSequence, ctx: ReductionContext) -> dict[str, Any]:
+        """Per-sample kept counts per modality, realised keep ratio and audio share of the kept A/V tokens."""
+        n_cand = self.candidate_mask(full).sum(-1)
+        k_cand = self.candidate_mask(kept).sum(-1)
+        kept_audio = kept.count(Modality.AUDIO)
+        kept_av = kept.count(Modality.VIDEO, Modality.AUDIO)
+        stats: dict[str, Any] = {
+            "n_video": full.count(Modality.VIDEO),
+            "n_audio": full.count(Modality.AUDIO),
+            "n_text": full.count(Modality.TEXT),
+            "kept_video": kept.count(Modality.VIDEO),
+            "kept_audio": kept_audio,
+            "kept_text": kept.count(Modality.TEXT),
+            "kept_candidates": k_cand,
+            "n_candidates": n_cand,
+            "realised_keep_ratio": float(k_cand.sum()) / max(1, int(n_cand.sum())),
+            "audio_share": float(kept_audio.sum()) / max(1, int(kept_av.sum())),
+        }
+        per_layer = ctx.stats.get("llm_candidates_per_layer") or []
+        if per_layer:
+            stats["layer_avg_keep_ratio"] = float(torch.stack(per_layer).float().mean(0).sum()) / max(
+                1, int(n_cand.sum())
+            )
+        for key, value in ctx.stats.items():
+            if key != "llm_candidates_per_layer":
+                stats.setdefault(key, value)
+        return stats
+
+    # ---------------------------------------------------------------- generate
+    def _decode_mask(self, key_mask: Tensor, dtype: torch.dtype) -> dict:
+        """Attention kwargs for one new query over cached keys ``key_mask`` (``(B, Lk)`` bool)."""
+        impl = self.attn_implementation
+        if impl == "sdpa":
+            return {"attention_mask": key_mask[:, None, None, :], "is_causal": False}
+        if impl == "eager":
+            additive = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+            additive = additive.masked_fill(~key_mask, torch.finfo(dtype).min)
+            return {"attention_mask": additive[:, None, None, :], "is_causal": False}
+        mask = None if bool(key_mask.all()) else key_mask.to(torch.int32)
+        return {"attention_mask": mask, "is_causal": False}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: Mapping[str, Any],
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        pad_token_id: int | None = None,
+    ) -> Tensor:
+        """Reduced prefill, then KV-cached decoding; returns ``(B, T_new)`` new token ids.
+
+        The next position of every sample is its maximum position over all axes of the FULL
+        (unreduced) sequence + 1, then +1 per step on every axis (get_rope_index's text rule, so
+        decoding positions do not depend on what was dropped). Decode attention covers the kept
+        prefill keys (padding excluded) and the generated keys. Samples that produced an EOS are
+        padded with ``pad_token_id`` (default: the config's pad id, else the first EOS id).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        eos = self._eos_ids(eos_token_id)
+        if pad_token_id is None:
+            pad = self.text_config.pad_token_id
+            pad_token_id = int(pad) if pad is not None else (eos[0] if eos else 0)
+
+        full = self.embed(batch)
+        next_pos = full.positions.masked_fill(~full.attention_mask[None], 0).amax(dim=(0, 2)) + 1
+        ctx = self.context(full, batch)
+        seq = self.reduce_before_llm(full, ctx)
+        cache = DynamicCache(config=self.text_config)
+        seq, key_masks = self.run_llm(seq, ctx, cache=cache)
+        B = seq.batch_size
+        rows = torch.arange(B, device=seq.hidden.device)
+        last = self.final_norm(seq.hidden[rows, seq.lengths - 1])
+        logits = self.lm_head(last)
+
+        eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        out: list[Tensor] = []
+        for step in range(max_new_tokens):
+            token = self._pick(logits, do_sample, temperature)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            out.append(token)
+            if eos:
+                finished |= torch.isin(token, eos_t)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            hidden = self.embed_tokens(token)[:, None, :]
+            pos = (next_pos + step)[None, :, None].expand(self.rope.num_axes, B, 1)
+            cos_sin = self.rope(pos, dtype=hidden.dtype)
+            new_keys = torch.ones(B, step + 1, dtype=torch.bool, device=hidden.device)
+            for i, layer in enumerate(self.decoder_layers):
+                kwargs = self._decode_mask(torch.cat([key_masks[i], new_keys], dim=-1), hidden.dtype)
+                hidden = layer(
+                    hidden, position_embeddings=cos_sin, position_ids=None, cache=cache, use_cache=True, **kwargs
+                )
+            logits = self.lm_head(self.final_norm(hidden[:, -1]))
+        return torch.stack(out, dim=1)
+
+    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        if eos_token_id is None:
+            eos_token_id = self.text_config.eos_token_id
+        if eos_token_id is None and self.thinker.generation_config is not None:
+            eos_token_id = self.thinker.generation_config.eos_token_id
+        if eos_token_id is None:
+            return []
+        if isinstance(eos_token_id, int):
+            return [eos_token_id]
+        return [int(e) for e in eos_token_id]
+
+    @staticmethod
+    def _pick(logits: Tensor, do_sample: bool, temperature: float) -> Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return torch.multinomial(probs, 1).squeeze(-1)
