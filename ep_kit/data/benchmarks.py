@@ -1,0 +1,405 @@
+"""Multiple-choice video benchmarks read from their public annotation files plus a local media root.
+
+Why here and not through a harness: the kit evaluates token-reduction budgets by scoring the
+next-token logits of the option letters, per sample, with per-category accuracy; it needs the
+same questions, options and answers the community harnesses use, nothing else. Every reader
+returns :class:`MCSample` rows; a row with a missing field raises ``ValueError`` naming the file and
+row (or, with ``skip_bad=True``, is counted in a :class:`SkipReport` -- never dropped silently).
+
+Formats (public annotation files; media files live under ``media_root``):
+
+* Video-MME: rows with ``videoID``, ``question_id``, ``question``, ``options`` (``"A. ..."``),
+  ``answer`` (letter), ``duration``, ``domain``, ``task_type`` (json / jsonl, or parquet when
+  pandas is installed); video ``<media_root>/<videoID>.mp4``. With or without audio is the
+  evaluation's ``use_audio_in_video`` switch; both read the same file.
+* MLVU (dev): one json per task (``1_plotQA.json``, ...), rows with ``video``, ``question``,
+  ``candidates`` (option texts), ``answer`` (the correct text), ``question_type``; video
+  ``<media_root>/<task folder>/<video>`` or ``<media_root>/<video>``.
+* Daily-Omni: ``qa.json`` list with ``Question``, ``Choice`` (``"A. ..."``), ``Answer``,
+  ``video_id``, ``Type``, ``video_category``, ``video_duration``; video
+  ``<media_root>/<video_id>/<video_id>_video.mp4``.
+* WorldSense: flat rows (harness form: ``index``, ``video_path``, ``question``, ``candidates``,
+  ``answer``, ``task_type``, ``task_domain``, ``duration``) or the original per-video dict
+  (``{video_id: {..., "task1": {question, candidates, answer, task_type, ...}}}``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+LETTERS = "ABCDEFGHIJ"
+
+HARNESS_INSTRUCTION = (
+    "Select the best answer to the following multiple-choice question based on the video{audio}. "
+    "Respond with only the letter ({letters}) of the correct option."
+)
+HARNESS_SUFFIX = "Answer with the option's letter from the given choices directly."
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-J])[\.\):]\s*")
+
+
+@dataclass
+class MCSample:
+    """One multiple-choice question about one video."""
+
+    question_id: str
+    video_path: str
+    question: str
+    options: list[str]
+    answer_letter: str
+    category: str
+    benchmark: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer_index(self) -> int:
+        return LETTERS.index(self.answer_letter)
+
+    @property
+    def letters(self) -> list[str]:
+        return list(LETTERS[: len(self.options)])
+
+
+@dataclass
+class SkipReport:
+    """Every sample left out of an evaluation, with where and why. Never silent."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.skipped.append((where, reason))
+
+    @property
+    def count(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no samples skipped"
+        lines = [f"{self.count} sample(s) skipped:"] + [f"  {w}: {r}" for w, r in self.skipped]
+        return "\n".join(lines)
+
+
+def format_mc_prompt(
+    question: str,
+    options: list[str],
+    instruction: str | None = HARNESS_INSTRUCTION,
+    suffix: str | None = HARNESS_SUFFIX,
+    with_audio: bool = True,
+) -> str:
+    """Question, lettered options (``"A. text"``), in the community harnesses' prompt style."""
+    letters = LETTERS[: len(options)]
+    parts = []
+    if instruction:
+        audio = " and its audio" if with_audio else ""
+        parts.append(instruction.format(audio=audio, letters=", ".join(letters)))
+    parts.append(question.strip())
+    parts += [f"{letter}. {strip_option_letter(text)}" for letter, text in zip(letters, options, strict=True)]
+    if suffix:
+        parts.append(suffix)
+    return "\n".join(parts)
+
+
+def strip_option_letter(option: str) -> str:
+    """``"B. a cat"`` / ``"(B) a cat"`` -> ``"a cat"``."""
+    return _OPTION_PREFIX.sub("", str(option), count=1).strip()
+
+
+# ------------------------------------------------------------------ file reading
+def read_rows(path: str | Path) -> list[Any]:
+    """Rows of a json (list or dict), jsonl or parquet annotation file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"annotation file not found: {p}")
+    if p.suffix == ".parquet":
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ValueError(
+                f"{p}: reading parquet needs pandas + pyarrow; convert it to json/jsonl"
+            ) from err
+        return pd.read_parquet(p).to_dict(orient="records")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{p} line {i}: invalid json: {err}") from err
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: invalid json: {err}") from err
+    return data
+
+
+def _need(row: Any, keys: Iterable[str], where: str) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+    missing = [
+        k for k in keys if row.get(k) is None or (isinstance(row.get(k), str) and not row.get(k).strip())
+    ]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+
+
+def _letter(answer: Any, options: list[str], where: str) -> str:
+    """The answer letter from a letter (``"B"``, ``"(B)"``) or from an option's text."""
+    text = str(answer).strip()
+    m = re.fullmatch(r"\(?([A-J])\)?\.?", text)
+    if m and LETTERS.index(m.group(1)) < len(options):
+        return m.group(1)
+    stripped = [strip_option_letter(o) for o in options]
+    for i, option in enumerate(stripped):
+        if option == text or options[i] == text:
+            return LETTERS[i]
+    raise ValueError(f"{where}: answer {answer!r} is neither an option letter nor one of the options")
+
+
+def _options(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):  # some dumps store the list as its repr
+        try:
+            value = json.loads(value.replace("'", '"'))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: options {value!r} are not a list") from err
+    options = [str(o) for o in list(value)]
+    if len(options) < 2:
+        raise ValueError(f"{where}: needs at least 2 options, got {len(options)}")
+    return options
+
+
+def _collect(
+    rows: Iterable[tuple[str, Callable[[], MCSample]]], skip_bad: bool, report: SkipReport | None
+) -> list[MCSample]:
+    out = []
+    for where, make in rows:
+        try:
+            out.append(make())
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+            if not skip_bad:
+                raise
+            if report is None:
+                raise ValueError(f"skip_bad=True needs a SkipReport to count skips ({where}: {err})") from err
+            report.add(where, str(err))
+    return out
+
+
+def _check_media(sample: MCSample, check_files: bool) -> MCSample:
+    if check_files and not Path(sample.video_path).is_file():
+        raise FileNotFoundError(f"video file not found: {sample.video_path} (question {sample.question_id})")
+    return sample
+
+
+# ------------------------------------------------------------------ readers
+def read_videomme(
+    annotation: str | Path,
+    media_root: str | Path,
+    with_audio: bool = True,
+    skip_bad: bool = False,
+    report: SkipReport | None = None,
+    check_files: bool = False,
+) -> list[MCSample]:
+    """Video-MME (``videomme`` with audio, ``videomme_noaudio`` without; same questions)."""
+    rows = read_rows(annotation)
+    name = "videomme" if with_audio else "videomme_noaudio"
+
+    def make(i: int, row: dict) -> Callable[[], MCSample]:
+        where = f"{annotation} row {i}"
+
+        def build() -> MCSample:
+            _need(row, ["videoID", "question", "options", "answer"], where)
+            options = _options(row["options"], where)
+            return _check_media(
+                MCSample(
+                    question_id=str(row.get("question_id") or f"{row['videoID']}-{i}"),
+                    video_path=str(Path(media_root) / f"{row['videoID']}.mp4"),
+                    question=str(row["question"]),
+                    options=[strip_option_letter(o) for o in options],
+                    answer_letter=_letter(row["answer"], options, where),
+                    category=str(row.get("task_type") or "unknown"),
+                    benchmark=name,
+                    extra={k: row.get(k) for k in ("duration", "domain", "sub_category") if k in row},
+                ),
+                check_files,
+            )
+
+        return build
+
+    return _collect(((f"{annotation} row {i}", make(i, r)) for i, r in enumerate(rows)), skip_bad, report)
+
+
+def read_mlvu(
+    annotation_dir: str | Path,
+    media_root: str | Path,
+    skip_bad: bool = False,
+    report: SkipReport | None = None,
+    check_files: bool = False,
+) -> list[MCSample]:
+    """MLVU dev: every ``*.json`` task file in ``annotation_dir`` (or one file)."""
+    root = Path(annotation_dir)
+    files = sorted(root.glob("*.json")) if root.is_dir() else [root]
+    if not files:
+        raise FileNotFoundError(f"no MLVU task json files in {root}")
+
+    def video_path(task_file: Path, video: str) -> str:
+        nested = Path(media_root) / task_file.stem / video
+        return str(nested if nested.exists() else Path(media_root) / video)
+
+    def make(task_file: Path, i: int, row: dict) -> Callable[[], MCSample]:
+        where = f"{task_file} row {i}"
+
+        def build() -> MCSample:
+            _need(row, ["video", "question", "candidates", "answer"], where)
+            options = _options(row["candidates"], where)
+            return _check_media(
+                MCSample(
+                    question_id=f"{task_file.stem}-{i}",
+                    video_path=video_path(task_file, str(row["video"])),
+                    question=str(row["question"]),
+                    options=[strip_option_letter(o) for o in options],
+                    answer_letter=_letter(row["answer"], options, where),
+                    category=str(row.get("question_type") or re.sub(r"^\d+_", "", task_file.stem)),
+                    benchmark="mlvu",
+                    extra={"duration": row.get("duration")},
+                ),
+                check_files,
+            )
+
+        return build
+
+    items = []
+    for f in files:
+        rows = read_rows(f)
+        if not isinstance(rows, list):
+            raise ValueError(f"{f}: expected a json list of questions")
+        items += [(f"{f} row {i}", make(f, i, r)) for i, r in enumerate(rows)]
+    return _collect(items, skip_bad, report)
+
+
+def read_daily_omni(
+    annotation: str | Path,
+    media_root: str | Path,
+    skip_bad: bool = False,
+    report: SkipReport | None = None,
+    check_files: bool = False,
+) -> list[MCSample]:
+    """Daily-Omni ``qa.json``; videos at ``<media_root>/<video_id>/<video_id>_video.mp4``."""
+    rows = read_rows(annotation)
+
+    def make(i: int, row: dict) -> Callable[[], MCSample]:
+        where = f"{annotation} row {i}"
+
+        def build() -> MCSample:
+            _need(row, ["Question", "Choice", "Answer", "video_id"], where)
+            options = _options(row["Choice"], where)
+            vid = str(row["video_id"])
+            return _check_media(
+                MCSample(
+                    question_id=f"{vid}-{i}",
+                    video_path=str(Path(media_root) / vid / f"{vid}_video.mp4"),
+                    question=str(row["Question"]),
+                    options=[strip_option_letter(o) for o in options],
+                    answer_letter=_letter(row["Answer"], options, where),
+                    category=str(row.get("Type") or "unknown"),
+                    benchmark="daily_omni",
+                    extra={k: row.get(k) for k in ("video_category", "video_duration") if k in row},
+                ),
+                check_files,
+            )
+
+        return build
+
+    if not isinstance(rows, list):
+        raise ValueError(f"{annotation}: expected a json list of questions")
+    return _collect(((f"{annotation} row {i}", make(i, r)) for i, r in enumerate(rows)), skip_bad, report)
+
+
+def _worldsense_rows(data: Any, annotation: str | Path) -> Iterator[tuple[str, str, dict]]:
+    """(where, question id, flat row) for either WorldSense layout."""
+    if isinstance(data, list):
+        for i, row in enumerate(data):
+            qid = str(row.get("index", i)) if isinstance(row, dict) else str(i)
+            yield f"{annotation} row {i}", qid, row
+    elif isinstance(data, dict):
+        for video_id, entry in data.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"{annotation} video {video_id}: expected an object")
+            tasks = [k for k in entry if re.fullmatch(r"task\d+", k)]
+            if not tasks:
+                raise ValueError(f"{annotation} video {video_id}: no task1..taskN questions")
+            for key in sorted(tasks, key=lambda k: int(k[4:])):
+                row = dict(entry[key]) if isinstance(entry[key], dict) else {}
+                row.setdefault("video_path", entry.get("video_path") or f"{video_id}.mp4")
+                row.setdefault("duration", entry.get("duration"))
+                row.setdefault("task_domain", entry.get("domain"))
+                yield f"{annotation} video {video_id} {key}", f"{video_id}-{key}", row
+    else:
+        raise ValueError(f"{annotation}: expected a json list or object")
+
+
+def read_worldsense(
+    annotation: str | Path,
+    media_root: str | Path,
+    skip_bad: bool = False,
+    report: SkipReport | None = None,
+    check_files: bool = False,
+) -> list[MCSample]:
+    """WorldSense, harness (flat rows) or original (per-video ``task<N>``) layout."""
+    data = read_rows(annotation)
+
+    def make(where: str, qid: str, row: dict) -> Callable[[], MCSample]:
+        def build() -> MCSample:
+            _need(row, ["video_path", "question", "candidates", "answer"], where)
+            options = _options(row["candidates"], where)
+            return _check_media(
+                MCSample(
+                    question_id=qid,
+                    video_path=str(Path(media_root) / str(row["video_path"])),
+                    question=str(row["question"]),
+                    options=[strip_option_letter(o) for o in options],
+                    answer_letter=_letter(row["answer"], options, where),
+                    category=str(row.get("task_type") or "unknown"),
+                    benchmark="worldsense",
+                    extra={k: row.get(k) for k in ("task_domain", "duration", "audio_class") if k in row},
+                ),
+                check_files,
+            )
+
+        return build
+
+    return _collect(((w, make(w, q, r)) for w, q, r in _worldsense_rows(data, annotation)), skip_bad, report)
+
+
+BenchmarkName = Literal["videomme", "videomme_noaudio", "mlvu", "daily_omni", "worldsense"]
+#: benchmarks whose evaluation feeds the video's audio track (the others are video-only).
+AUDIO_BENCHMARKS = frozenset({"videomme", "daily_omni", "worldsense"})
+
+
+def read_benchmark(
+    name: BenchmarkName,
+    annotation: str | Path,
+    media_root: str | Path,
+    skip_bad: bool = False,
+    report: SkipReport | None = None,
+    check_files: bool = False,
+) -> list[MCSample]:
+    """Dispatch by benchmark name (see the module docstring for each format)."""
+    kw = {"skip_bad": skip_bad, "report": report, "check_files": check_files}
+    if name == "videomme":
+        return read_videomme(annotation, media_root, with_audio=True, **kw)
+    if name == "videomme_noaudio":
+        return read_videomme(annotation, media_root, with_audio=False, **kw)
+    if name == "mlvu":
+        return read_mlvu(annotation, media_root, **kw)
+    if name == "daily_omni":
+        return read_daily_omni(annotation, media_root, **kw)
+    if name == "worldsense":
+        return read_worldsense(annotation, media_root, **kw)
+    raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BenchmarkName.__args__)}")

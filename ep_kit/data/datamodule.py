@@ -1,0 +1,366 @@
+"""The LightningDataModule: a data source (synthetic / instruction jsonl / benchmark) -> batches.
+
+Why sources are components: each is a typed class a YAML config picks by ``class_path``
+(``SyntheticSource``, ``InstructSource``, ``BenchmarkSource``), so a new data set is a new class,
+not a new flag. The module owns what is shared: the processor (tiny tokenizer or a local model
+directory), frame sampling knobs, audio-in-video, the processed-sample cache and collation.
+
+Batches (see :func:`ep_kit.data.collate.collate_av`):
+
+* training: prompt + answer, ``labels`` on the answer (-100 elsewhere) and ``answer_mask``;
+* evaluation (multiple choice): the prompt ends at the assistant turn; ``choice_token_ids``
+  ``(B, n_options)`` (+ ``choice_mask``), ``answer_index`` ``(B,)``, and ``question_id`` /
+  ``category`` / ``benchmark`` lists. The model scores the next-token logits of the letters.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ep_kit.data.benchmarks import (
+    AUDIO_BENCHMARKS,
+    BenchmarkName,
+    MCSample,
+    SkipReport,
+    format_mc_prompt,
+    read_benchmark,
+)
+from ep_kit.data.collate import collate_av
+from ep_kit.data.instruct import InstructDataset
+from ep_kit.data.media import FPS_MAX_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+from ep_kit.data.processor import AVInputBuilder, SampleEncoder, build_processor
+from ep_kit.data.synthetic import SyntheticAVBenchmark
+
+Split = Literal["train", "val", "test"]
+log = logging.getLogger(__name__)
+
+
+def harness_prompt(sample: MCSample, with_audio: bool) -> str:
+    """The community harnesses' multiple-choice prompt."""
+    return format_mc_prompt(sample.question, sample.options, with_audio=with_audio)
+
+
+def short_prompt(sample: MCSample) -> str:
+    """Question and lettered options only (the synthetic benchmark: short for tiny models)."""
+    return format_mc_prompt(sample.question, sample.options, instruction=None, suffix=None)
+
+
+class MCDataset(Dataset):
+    """Multiple-choice samples -> encoded prompts (``mode="eval"``) or prompt+answer (``"train"``)."""
+
+    def __init__(
+        self,
+        samples: list[MCSample],
+        encoder: SampleEncoder,
+        prompt: Callable[[MCSample], str],
+        mode: Literal["train", "eval"] = "eval",
+    ) -> None:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.samples = samples
+        self.encoder = encoder
+        self.prompt = prompt
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def messages(self, sample: MCSample) -> list[dict[str, Any]]:
+        user = {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": self.prompt(sample)}]}
+        if self.mode == "train":
+            return [user, {"role": "assistant", "content": sample.answer_letter}]
+        return [user]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        out: dict[str, Any] = dict(
+            self.encoder.encode(self.messages(s), [s.video_path], add_generation_prompt=self.mode == "eval")
+        )
+        out["choice_token_ids"] = torch.tensor(self.encoder.builder.letter_ids(s.letters), dtype=torch.long)
+        out["answer_index"] = s.answer_index
+        out["question_id"], out["category"], out["benchmark"] = s.question_id, s.category, s.benchmark
+        return out
+
+    def drop_unreadable(self, report: SkipReport) -> MCDataset:
+        """Encode every sample once (filling the cache); count and drop those whose media fail."""
+        kept = []
+        for i, s in enumerate(self.samples):
+            try:
+                self[i]
+            except (FileNotFoundError, ValueError) as err:
+                report.add(f"{s.benchmark} {s.question_id} ({s.video_path})", str(err))
+                continue
+            kept.append(s)
+        self.samples = kept
+        return self
+
+
+class DataSource:
+    """Where samples come from. Subclasses build the dataset of each split (None: no such split)."""
+
+    def pixel_bounds(self) -> tuple[int, int]:
+        """Per-frame pixel bounds that suit this source when the data module leaves them unset."""
+        return VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS
+
+    def audio_window(self) -> int:
+        """Whisper window in seconds when the data module leaves it unset (checkpoint: 30 s is enough)."""
+        return 30
+
+    def prepare(self) -> None:
+        """Write or check files (runs once, on one process)."""
+
+    def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
+        raise NotImplementedError
+
+
+class SyntheticSource(DataSource):
+    """The kit's synthetic audio-visual benchmark (see :class:`SyntheticAVBenchmark`)."""
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        num_train: int = 500,
+        num_val: int = 60,
+        num_test: int = 100,
+        seconds: int = 4,
+        events: int = 2,
+        resolution: int = 56,
+        shuffle_options: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.resolution = resolution
+        self.bench = SyntheticAVBenchmark(
+            root,
+            num_train,
+            num_val,
+            num_test,
+            seconds,
+            events,
+            resolution,
+            shuffle_options=shuffle_options,
+            seed=seed,
+        )
+
+    def pixel_bounds(self) -> tuple[int, int]:
+        side = max(28, (self.resolution // 28) * 28)
+        return 28 * 28, side * side
+
+    def audio_window(self) -> int:
+        # Features of the real frames do not depend on the window; a short one is cheaper.
+        return int(self.bench.knobs["seconds"]) + 1
+
+    def prepare(self) -> None:
+        self.bench.prepare()
+
+    def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
+        self.bench.prepare()
+        samples = self.bench.samples(split)
+        if not samples:
+            return None
+        return MCDataset(samples, encoder, short_prompt, mode="train" if split == "train" else "eval")
+
+
+class InstructSource(DataSource):
+    """ms-swift style jsonl instruction data (training; ``val`` is scored by loss)."""
+
+    def __init__(self, train: str, val: str | None = None, media_root: str | None = None) -> None:
+        self.paths = {"train": train, "val": val, "test": None}
+        self.media_root = media_root
+
+    def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
+        path = self.paths[split]
+        return None if path is None else InstructDataset(path, encoder, self.media_root)
+
+
+class BenchmarkSource(DataSource):
+    """A multiple-choice benchmark (``val`` and ``test`` are the benchmark; no training split).
+
+    ``skip_bad=True`` counts and drops unreadable rows and media in :attr:`report` (logged by the
+    data module) instead of raising.
+    """
+
+    def __init__(
+        self,
+        name: BenchmarkName,
+        annotation: str,
+        media_root: str,
+        skip_bad: bool = False,
+        limit: int | None = None,
+    ) -> None:
+        self.name = name
+        self.annotation = annotation
+        self.media_root = media_root
+        self.skip_bad = skip_bad
+        self.limit = limit
+        self.report = SkipReport()
+
+    def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
+        if split == "train":
+            return None
+        self.report = SkipReport()
+        samples = read_benchmark(
+            self.name,
+            self.annotation,
+            self.media_root,
+            skip_bad=self.skip_bad,
+            report=self.report,
+            check_files=self.skip_bad,
+        )
+        if self.limit is not None:
+            samples = samples[: self.limit]
+        with_audio = use_audio_in_video and self.name in AUDIO_BENCHMARKS
+        prompt = functools.partial(harness_prompt, with_audio=with_audio)
+        ds = MCDataset(samples, encoder, prompt, mode="eval")
+        if self.skip_bad:
+            ds.drop_unreadable(self.report)
+        return ds
+
+
+class AVDataModule(L.LightningDataModule):
+    """Audio-visual batches for training and multiple-choice evaluation.
+
+    Args:
+        source: where samples come from (``SyntheticSource``, ``InstructSource``, ``BenchmarkSource``).
+        processor: ``"tiny"`` (offline byte-level tokenizer) or a local Qwen2.5-Omni model directory.
+        batch_size / eval_batch_size: per-step batch sizes (eval defaults to ``batch_size``).
+        num_workers: DataLoader workers.
+        fps / max_frames: frame sampling (Qwen2.5-Omni: 2 fps, <= 768 frames).
+        min_pixels / max_pixels: per-frame pixel bounds (``None``: the source's choice).
+        use_audio_in_video: feed each video's audio track interleaved with its frames.
+        audio_chunk_seconds: Whisper window of the feature extractor (longer audio is kept whole;
+            ``None``: the source's choice, 30 s for real data).
+        system_prompt: replaces the chat template's default system turn when set.
+        cache_dir: processed-sample cache (``None``: no cache).
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        processor: str = "tiny",
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        fps: float = 2.0,
+        max_frames: int = FPS_MAX_FRAMES,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        use_audio_in_video: bool = True,
+        audio_chunk_seconds: int | None = None,
+        system_prompt: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.source = source
+        self.processor_source = processor
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.fps = fps
+        self.max_frames = max_frames
+        lo, hi = source.pixel_bounds()
+        self.min_pixels = min_pixels if min_pixels is not None else lo
+        self.max_pixels = max_pixels if max_pixels is not None else hi
+        self.use_audio_in_video = use_audio_in_video
+        self.audio_chunk_seconds = (
+            audio_chunk_seconds if audio_chunk_seconds is not None else source.audio_window()
+        )
+        self.system_prompt = system_prompt
+        self.cache_dir = cache_dir
+        self._encoder: SampleEncoder | None = None
+        self.datasets: dict[str, Dataset | None] = {}
+
+    @property
+    def encoder(self) -> SampleEncoder:
+        if self._encoder is None:
+            processor = build_processor(
+                self.processor_source, self.audio_chunk_seconds, self.min_pixels, self.max_pixels
+            )
+            builder = AVInputBuilder(processor, self.use_audio_in_video, self.system_prompt)
+            self._encoder = SampleEncoder(
+                builder, self.fps, self.min_pixels, self.max_pixels, self.max_frames, self.cache_dir
+            )
+        return self._encoder
+
+    @property
+    def tokenizer(self):
+        return self.encoder.builder.tokenizer
+
+    @property
+    def skip_report(self) -> SkipReport | None:
+        return getattr(self.source, "report", None)
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        splits: tuple[Split, ...] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }.get(stage or "", ("train", "val", "test"))
+        for split in splits:
+            if split not in self.datasets:
+                self.datasets[split] = self.source.dataset(split, self.encoder, self.use_audio_in_video)
+        report = self.skip_report
+        if report is not None and report.count:
+            log.warning("%s", report.summary())  # never skip silently
+
+    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return functools.partial(
+            collate_av,
+            pad_token_id=int(self.tokenizer.pad_token_id),
+            use_audio_in_video=self.use_audio_in_video,
+        )
+
+    def _loader(self, split: Split, shuffle: bool, batch_size: int) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        ds = self.datasets.get(split)
+        if ds is None:
+            raise ValueError(f"{type(self.source).__name__} has no {split!r} split")
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+
+def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Move the tensors of a batch to ``device`` (lists and flags stay)."""
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+__all__ = [
+    "AVDataModule",
+    "BenchmarkSource",
+    "DataSource",
+    "InstructSource",
+    "MCDataset",
+    "SyntheticSource",
+    "batch_to",
+    "harness_prompt",
+    "short_prompt",
+]

@@ -1,0 +1,225 @@
+"""Decode video frames and audio tracks with PyAV, following Qwen2.5-Omni's preprocessing rules.
+
+Why by hand: the model was trained on frames sampled by its own utility rules (2 fps, an even
+number of frames so every temporal patch of 2 is full, each frame resized to multiples of 28
+between a min and a max pixel count, aspect ratio kept) and on 16 kHz mono audio. The processor's
+own video loader needs torchcodec and re-samples frames; here frames are sampled once, cached, and
+handed to the processor with ``do_sample_frames=False``. The frame-size rule is transformers'
+``smart_resize`` itself, so the processor never resizes the frames a second time.
+
+Every error names the file: missing, undecodable, no video stream, no audio stream when the
+audio track is required, or too few frames for one temporal patch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as tvF
+from torch import Tensor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+#: Qwen2.5-Omni's video defaults (pixels per frame, frames, frame factor).
+PATCH_FACTOR = 28
+TEMPORAL_PATCH = 2
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+AUDIO_SAMPLE_RATE = 16000
+
+
+@dataclass
+class VideoClip:
+    """Frames sampled from one video (plus, optionally, its audio track).
+
+    Attributes:
+        frames: ``(T, 3, H, W)`` uint8, ``T`` even, ``H`` and ``W`` multiples of 28.
+        fps: the realised sampling rate (frames kept per second of source video); the processor
+            turns it into ``video_second_per_grid = 2 / fps``.
+        path: source file, for error messages.
+        audio: the audio track as 16 kHz mono float32 (``None`` if not loaded).
+    """
+
+    frames: Tensor
+    fps: float
+    path: str | None = None
+    audio: np.ndarray | None = None
+
+    @property
+    def seconds_per_grid(self) -> float:
+        """Seconds covered by one temporal patch (2 frames)."""
+        return TEMPORAL_PATCH / self.fps
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    def numpy(self) -> np.ndarray:
+        """Frames as ``(T, H, W, 3)`` uint8."""
+        return self.frames.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _check_exists(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    return p
+
+
+def _open(path: Path, what: str) -> av.container.InputContainer:
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot open {what} file {path} (corrupt or unsupported): {err}") from err
+
+
+def sample_frame_count(
+    total_frames: int, video_fps: float, fps: float, min_frames: int, max_frames: int
+) -> int:
+    """Frames to keep: ``fps`` per second, clamped to ``[min_frames, max_frames]``, even, <= total."""
+    upper = math.floor(min(max_frames, total_frames) / TEMPORAL_PATCH) * TEMPORAL_PATCH
+    lower = math.ceil(min_frames / TEMPORAL_PATCH) * TEMPORAL_PATCH
+    wanted = total_frames / video_fps * fps
+    n = min(max(wanted, lower), upper, total_frames)
+    return int(math.floor(n / TEMPORAL_PATCH) * TEMPORAL_PATCH)
+
+
+def sample_indices(total_frames: int, n: int) -> list[int]:
+    """``n`` frame indices spread evenly from the first to the last frame."""
+    return torch.linspace(0, total_frames - 1, n).round().long().tolist()
+
+
+def resize_frames(frames: Tensor, min_pixels: int, max_pixels: int) -> Tensor:
+    """Resize ``(T, 3, H, W)`` uint8 frames to the multiple-of-28 size ``smart_resize`` picks."""
+    height, width = frames.shape[-2:]
+    new_h, new_w = smart_resize(
+        height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    if (new_h, new_w) == (height, width):
+        return frames
+    return tvF.resize(frames, [new_h, new_w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def _decode_rgb(path: Path, wanted: set[int] | None) -> tuple[list[np.ndarray], int, float]:
+    """Decode the video stream; keep frames whose index is in ``wanted`` (all when None)."""
+    container = _open(path, "video")
+    try:
+        if not container.streams.video:
+            raise ValueError(f"video file {path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        video_fps = float(rate) if rate else 0.0
+        kept, count = [], 0
+        try:
+            for frame in container.decode(stream):
+                if wanted is None or count in wanted:
+                    kept.append(frame.to_ndarray(format="rgb24"))
+                count += 1
+        except av.FFmpegError as err:
+            raise ValueError(f"cannot decode video file {path} (corrupt?): {err}") from err
+    finally:
+        container.close()
+    return kept, count, video_fps
+
+
+def _frame_count_hint(path: Path) -> tuple[int, float]:
+    container = _open(path, "video")
+    try:
+        if not container.streams.video:
+            raise ValueError(f"video file {path} has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        return int(stream.frames or 0), float(rate) if rate else 0.0
+    finally:
+        container.close()
+
+
+def load_video(
+    path: str | Path,
+    fps: float = 2.0,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS,
+    max_frames: int = FPS_MAX_FRAMES,
+    min_frames: int = FPS_MIN_FRAMES,
+    with_audio: bool = False,
+) -> VideoClip:
+    """Sample a video at ``fps`` with Qwen2.5-Omni's rules; optionally load its audio track.
+
+    ``with_audio=True`` (audio-in-video) also decodes the audio track and raises ``ValueError``
+    naming the file when the video has none.
+    """
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    p = _check_exists(path, "video")
+    total, video_fps = _frame_count_hint(p)
+    frames = None
+    if total >= TEMPORAL_PATCH and video_fps > 0:
+        n = sample_frame_count(total, video_fps, fps, min_frames, max_frames)
+        idx = sample_indices(total, n)
+        kept, count, video_fps = _decode_rgb(p, set(idx))
+        if count == total:  # container metadata was right: one pass was enough
+            frames = np.stack([kept[i] for i in _positions(idx)])
+    if frames is None:  # no (or wrong) frame count in the metadata: decode all, then pick
+        kept, count, video_fps = _decode_rgb(p, None)
+        if count < TEMPORAL_PATCH:
+            raise ValueError(
+                f"video file {p} has {count} frame(s); at least {TEMPORAL_PATCH} are needed for one temporal patch"
+            )
+        if video_fps <= 0:
+            raise ValueError(f"video file {p} has no frame rate in its metadata")
+        total = count
+        n = sample_frame_count(total, video_fps, fps, min_frames, max_frames)
+        idx = sample_indices(total, n)
+        frames = np.stack([kept[i] for i in idx])
+    tensor = resize_frames(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), min_pixels, max_pixels)
+    realised_fps = len(idx) / total * video_fps
+    audio = load_audio(p) if with_audio else None
+    return VideoClip(frames=tensor, fps=realised_fps, path=str(p), audio=audio)
+
+
+def _positions(indices: list[int]) -> list[int]:
+    """Map sampled frame indices (possibly repeated) to positions in the deduplicated kept list."""
+    order = {frame: i for i, frame in enumerate(sorted(set(indices)))}
+    return [order[i] for i in indices]
+
+
+def has_audio_stream(path: str | Path) -> bool:
+    """Whether the media file carries an audio stream."""
+    p = _check_exists(path, "media")
+    container = _open(p, "media")
+    try:
+        return bool(container.streams.audio)
+    finally:
+        container.close()
+
+
+def load_audio(path: str | Path, sr: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
+    """The first audio stream of a file as mono float32 at ``sr`` Hz (PyAV's resampler)."""
+    p = _check_exists(path, "audio")
+    container = _open(p, "audio")
+    try:
+        if not container.streams.audio:
+            raise ValueError(f"media file {p} has no audio stream (needed for audio / use_audio_in_video)")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+        chunks: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as err:
+            raise ValueError(f"cannot decode audio of {p} (corrupt?): {err}") from err
+    finally:
+        container.close()
+    if not chunks:
+        raise ValueError(f"audio stream of {p} decoded to no samples")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
