@@ -1,0 +1,107 @@
+"""``ep-kit fit|validate|test|predict --config FILE``: the kit's LightningCLI.
+
+Every component is chosen by ``class_path`` in YAML: the thinker source, the rotary layout, the
+reducer with its attention mode, scorer factory and selector, the data module, the trainer's
+strategy and callbacks. Several ``--config`` files may be given; later ones override earlier ones
+(the recipes are a shared base plus one overlay per ablation row).
+
+Differences from a bare ``LightningCLI``, each for a pitfall seen in practice:
+
+* ``validate``/``test``/``predict`` with ``--ckpt_path`` do NOT re-apply the checkpoint's saved
+  hyper-parameters over the command line (stock Lightning does, so ``--model.keep_ratio 0.1`` would
+  silently evaluate the training budget). The configuration given is the one that runs; the
+  weights still come from the checkpoint. ``--model.init_from`` loads weights without any of it.
+* Every run logs into its own version directory (``CSVLogger`` by default), so the saved
+  ``config.yaml`` never collides with another run's; re-running a saved config reproduces the run.
+* ``predict`` writes answers as jsonl (:class:`~ep_kit.train.callbacks.AnswerWriter`).
+
+Programmatic use (the ablation benchmark, tests): :func:`run` returns the CLI object.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ep_kit.data import AVDataModule
+from ep_kit.train.callbacks import AnswerWriter
+from ep_kit.train.module import EPKitModule
+
+#: subcommands that evaluate: a checkpoint's saved hyper-parameters must not override their config.
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
+
+
+def processor_for(thinker: Any) -> str:
+    """The processor the data module must use for ``model.thinker``: the checkpoint's own, or ``tiny``.
+
+    Linked once here so the tokenizer can never disagree with the model's vocabulary.
+    """
+    class_path = getattr(thinker, "class_path", None) or thinker["class_path"]
+    init_args = getattr(thinker, "init_args", None) or thinker.get("init_args", {})
+    if class_path.rsplit(".", 1)[-1] == "PretrainedThinker":
+        return str(init_args["path"] if isinstance(init_args, dict) else init_args.path)
+    return "tiny"
+
+
+class EPKitCLI(LightningCLI):
+    """LightningCLI for :class:`~ep_kit.train.module.EPKitModule` and :class:`~ep_kit.data.AVDataModule`.
+
+    ``data.init_args.processor`` is linked from ``model.thinker`` (set the checkpoint path once).
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.thinker", "data.init_args.processor", compute_fn=processor_for)
+
+    def before_predict(self) -> None:
+        """``predict`` answers the test split when the data module defines no predict split."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        dm = self.datamodule
+        if dm is not None and not is_overridden("predict_dataloader", dm):
+            dm.predict_dataloader = dm.test_dataloader
+
+    def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") in EVAL_SUBCOMMANDS:
+            return
+        super()._parse_ckpt_path()
+
+
+def run(args: Sequence[str] | dict | None = None, run_subcommand: bool = True) -> EPKitCLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line (None = ``sys.argv``)."""
+    with warnings.catch_warnings():
+        # Programmatic args (tests, benchmarks) while sys.argv holds the caller's own flags is intended here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return _build(args, run_subcommand)
+
+
+def _build(args: Sequence[str] | dict | None, run_subcommand: bool) -> EPKitCLI:
+    return EPKitCLI(
+        EPKitModule,
+        AVDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs", "name": "ep-kit"},
+            },
+            # Persistent (not part of the saved config): only acts in `predict`.
+            "callbacks": [AnswerWriter()],
+        },
+        args=args,
+        run=run_subcommand,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point ``ep-kit``."""
+    run(list(args) if args is not None else None)
+
+
+if __name__ == "__main__":
+    main()

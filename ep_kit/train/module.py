@@ -1,0 +1,402 @@
+"""The LightningModule behind ``ep-kit fit|validate|test|predict``.
+
+It owns one :class:`~ep_kit.models.omni.OmniThinker` built from YAML-friendly parts: a
+:class:`~ep_kit.train.sources.ThinkerSource` (where the transformers thinker comes from), a rotary
+layout, a token reducer and a keep ratio. Training is the paper's: LM loss on the answer tokens of
+the reduced sequence, the LLM fine-tuned with the sieve and the scorer (``train_llm``), encoders
+frozen, AdamW with a cosine schedule and linear warm-up. Evaluation is multiple choice: the
+next-token logits at the end of the prompt, restricted to each option's letter token, argmax,
+compared with the answer -- accuracy overall, per benchmark and per category (torchmetrics, synced
+across ranks), plus where the budget went (kept ratio, audio vs video share).
+
+Weights for an evaluation at another budget are loaded by the module itself (``init_from``), never
+through ``--ckpt_path`` hyper-parameters, so ``--model.keep_ratio`` on the command line is the
+budget that runs (and the realised one is logged).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from ep_kit.budget import check_ratio
+from ep_kit.models.omni import OmniThinker
+from ep_kit.reducers.base import TokenReducer
+from ep_kit.rope import MultiAxisRoPE
+from ep_kit.sequence import TokenSequence
+from ep_kit.train.metrics import BudgetShare, MultipleChoiceAccuracy, option_letter
+from ep_kit.train.sources import ThinkerSource, write_base_marker
+
+STAGES = ("val", "test")
+
+
+def prompt_end_index(seq: TokenSequence) -> Tensor:
+    """``(B,)`` index of the token whose next-token logits answer the question.
+
+    The last real token of each row, or the token just before the first answer token when the
+    batch carries its answer (teacher-forced evaluation batches).
+    """
+    L = seq.attention_mask.shape[1]
+    last = seq.attention_mask.sum(-1) - 1
+    cols = torch.arange(L, device=seq.attention_mask.device).expand_as(seq.attention_mask)
+    first_answer = torch.where(seq.answer_mask, cols, torch.full_like(cols, L)).amin(-1)
+    has_answer = seq.answer_mask.any(-1)
+    return torch.where(has_answer, first_answer - 1, last).clamp(min=0)
+
+
+def metadata_lists(batch: Mapping[str, Any], size: int) -> dict[str, list[str]]:
+    """``question_id`` / ``category`` / ``benchmark`` lists of an evaluation batch.
+
+    Read from the batch's top-level lists (``ep_kit.data.collate_av``) or from ``batch["metadata"]``
+    (a list of per-sample dicts or a dict of lists); a missing field raises ``ValueError``.
+    """
+    meta = batch.get("metadata")
+    out: dict[str, list[str]] = {}
+    for key in ("question_id", "category", "benchmark"):
+        if key in batch:
+            values = batch[key]
+        elif isinstance(meta, Mapping):
+            values = meta.get(key)
+        elif meta is not None:
+            values = [m.get(key) if isinstance(m, Mapping) else getattr(m, key, None) for m in meta]
+        else:
+            values = None
+        if values is None or len(values) != size or any(v is None for v in values):
+            raise ValueError(f"evaluation batch lacks '{key}' for some of its {size} samples")
+        out[key] = [str(v) for v in values]
+    return out
+
+
+class EPKitModule(LightningModule):
+    """Train and evaluate a Qwen2.5-Omni thinker with a token reducer.
+
+    Args:
+        thinker: where the transformers thinker comes from (``PretrainedThinker`` / ``TinyThinker``).
+        rope: rotary layout of the sieve and the LLM (``TMRoPE`` / ``SyncRoPE``); None = the
+            checkpoint's own TMRoPE.
+        reducer: token-reduction method (``CS2`` or a baseline); None = full model.
+        keep_ratio: budget ``r`` in (0, 1] over the candidate A/V tokens of each sample.
+        candidate_modalities: pool the budget is taken from (default video and audio).
+        train_llm: fine-tune the LLM too (paper); False trains only the reducer.
+        freeze_encoders: keep the audio and vision encoders frozen (paper); False for pretraining
+            the toy thinker from scratch.
+        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 2e-5).
+        warmup_ratio: fraction of the optimisation steps with linear warm-up (paper 5%).
+        schedule: ``cosine`` decay to ``min_lr_ratio * lr`` after warm-up, or ``constant``.
+        min_lr_ratio: floor of the cosine schedule as a fraction of the peak lr.
+        gradient_checkpointing: recompute decoder and sieve layers in backward (real scale).
+        init_from: weights to load after building: a Lightning ``.ckpt`` file (its ``state_dict``,
+            hyper-parameters ignored) or a directory written by
+            :func:`ep_kit.models.checkpoint.save_kit_weights`. Use this, not ``--ckpt_path``, for a
+            budget sweep: the command line's ``keep_ratio`` is the one that runs.
+        export_thinker: after ``fit``, save the thinker (``save_pretrained``) to this directory as a
+            base other recipes initialise from (``TinyThinker.init_from``).
+        print_metrics: print a one-line accuracy summary after every validation/test epoch.
+    """
+
+    def __init__(
+        self,
+        thinker: ThinkerSource,
+        rope: MultiAxisRoPE | None = None,
+        reducer: TokenReducer | None = None,
+        keep_ratio: float = 1.0,
+        candidate_modalities: list[str] | None = None,
+        train_llm: bool = True,
+        freeze_encoders: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        warmup_ratio: float = 0.05,
+        schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        init_from: str | None = None,
+        export_thinker: str | None = None,
+        print_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["thinker", "rope", "reducer", "optimizer"])
+        if not isinstance(thinker, ThinkerSource):
+            raise TypeError(f"model.thinker must be a ThinkerSource (class_path), got {type(thinker).__name__}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        check_ratio(keep_ratio, "model.keep_ratio")
+        self.source = thinker
+        self.model: OmniThinker = thinker.build(
+            rope=rope,
+            reducer=reducer,
+            keep_ratio=keep_ratio,
+            candidate_modalities=tuple(candidate_modalities or ("video", "audio")),
+            freeze_encoders=freeze_encoders,
+            train_llm=train_llm,
+        )
+        if gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = float(warmup_ratio)
+        self.schedule = schedule
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.export_thinker = export_thinker
+        self.print_metrics = print_metrics
+        self.accuracy = torch.nn.ModuleDict({s: MultipleChoiceAccuracy() for s in STAGES})
+        self.budget = torch.nn.ModuleDict({s: BudgetShare() for s in STAGES})
+        if init_from is not None:
+            self.load_weights(init_from)
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def keep_ratio(self) -> float:
+        return self.model.keep_ratio
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every transformers decoder layer, the sieve's copies included."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.model.thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        func = None
+        for module in self.model.thinker.modules():
+            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                func = module._gradient_checkpointing_func
+                break
+        for module in self.model.modules():
+            if isinstance(module, GradientCheckpointingLayer) and func is not None:
+                module.gradient_checkpointing = True
+                module._gradient_checkpointing_func = func
+
+    def load_weights(self, path: str) -> None:
+        """Load ``init_from``: a Lightning checkpoint's ``state_dict`` or a kit weights directory."""
+        root = Path(path)
+        if root.is_dir():
+            from ep_kit.models.checkpoint import KIT_WEIGHTS, load_kit_weights
+
+            if not (root / KIT_WEIGHTS).is_file():
+                raise FileNotFoundError(
+                    f"model.init_from: {root} holds no {KIT_WEIGHTS}; give a Lightning .ckpt file or a directory "
+                    "written by ep_kit.models.checkpoint.save_kit_weights (a full model directory goes in "
+                    "model.thinker instead)"
+                )
+            load_kit_weights(self.model, root, strict=True)
+            return
+        if not root.is_file():
+            raise FileNotFoundError(f"model.init_from: {root} does not exist")
+        ckpt = torch.load(root, map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
+        if state is None:
+            raise ValueError(f"model.init_from: {root} is not a Lightning checkpoint (no 'state_dict')")
+        state = {k: v for k, v in state.items() if k.startswith("model.")}
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k.startswith("model.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"model.init_from: {root} does not fit this model: missing {missing[:10]} "
+                f"({len(missing)} in all), unexpected {result.unexpected_keys[:10]} "
+                f"({len(result.unexpected_keys)} in all). Was it trained with the same reducer and thinker?"
+            )
+
+    # ------------------------------------------------------------------ train
+    def forward(self, batch: Mapping[str, Any]):
+        return self.model(batch)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        out = self.model(batch)
+        if out.loss is None:
+            raise ValueError("training batch has no 'labels': the LM loss needs them")
+        B = int(batch["input_ids"].shape[0])
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
+        stats = out.stats
+        kept_av = float(stats["kept_audio"].sum() + stats["kept_video"].sum())
+        self.log("train/kept_ratio", float(stats["realised_keep_ratio"]), batch_size=B, sync_dist=True)
+        self.log("train/audio_share", float(stats["kept_audio"].sum()) / max(1.0, kept_av), batch_size=B, sync_dist=True)
+        self.log("train/video_share", float(stats["kept_video"].sum()) / max(1.0, kept_av), batch_size=B, sync_dist=True)
+        return out.loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen (check train_llm and the reducer)")
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.schedule == "constant" and self.warmup_ratio == 0.0:
+            return optimizer
+        total = self._total_steps()
+        warmup = math.ceil(self.warmup_ratio * total)
+        floor, cosine = self.min_lr_ratio, self.schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the run, for the schedule.
+
+        Counted from a fresh training loader of the data module rather than through
+        ``trainer.estimated_stepping_batches``: that property sets up the fit loop's loader before a
+        checkpoint's loop state is restored, so a resumed run would restart its epoch from the first
+        batch (the loader's saved position is never loaded).
+        """
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return max(1, int(trainer.estimated_stepping_batches))
+        batches = len(datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None:
+            batches = int(batches * float(limit))
+        per_rank = math.ceil(batches / max(1, trainer.world_size))
+        per_epoch = math.ceil(per_rank / max(1, trainer.accumulate_grad_batches))
+        return max(1, per_epoch * max(1, int(trainer.max_epochs or 1)))
+
+    def on_fit_end(self) -> None:
+        if self.export_thinker is None or not self.trainer.is_global_zero:
+            return
+        root = Path(self.export_thinker)
+        root.mkdir(parents=True, exist_ok=True)
+        self.model.thinker.save_pretrained(str(root))
+        write_base_marker(
+            root,
+            {"global_step": int(self.trainer.global_step), "epochs": int(self.trainer.current_epoch)},
+        )
+
+    # --------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def answer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the reduced prefill and pick an option per sample.
+
+        Only the logits at the end of each prompt are computed (the lm_head never runs on the
+        whole sequence). Returns ``predicted`` (B,), ``target`` (B,), ``num_options`` (B,),
+        ``choice_logits`` (B, n_options), ``stats`` (budget) and the metadata lists.
+        """
+        choices = batch.get("choice_token_ids")
+        target = batch.get("answer_index")
+        if choices is None or target is None:
+            raise ValueError("evaluation batch needs 'choice_token_ids' (B, n_options) and 'answer_index' (B,)")
+        model = self.model
+        full = model.embed(batch)
+        ctx = model.context(full, batch)
+        seq = model.reduce_before_llm(full, ctx)
+        seq, _ = model.run_llm(seq, ctx)
+        rows = torch.arange(seq.batch_size, device=seq.hidden.device)
+        hidden = model.final_norm(seq.hidden[rows, prompt_end_index(seq)])
+        logits = model.lm_head(hidden).float()
+        valid = batch.get("choice_mask")
+        valid = choices >= 0 if valid is None else valid.bool() & (choices >= 0)
+        choice_logits = torch.gather(logits, 1, choices.clamp(min=0))
+        choice_logits = choice_logits.masked_fill(~valid, float("-inf"))
+        stats = model.budget_stats(full, seq, ctx)
+        meta = metadata_lists(batch, seq.batch_size)
+        return {
+            "predicted": choice_logits.argmax(-1),
+            "target": target.long(),
+            "num_options": valid.sum(-1),
+            "choice_logits": choice_logits,
+            "stats": stats,
+            **meta,
+        }
+
+    def _evaluate(self, stage: str, batch: Mapping[str, Any]) -> None:
+        if "choice_token_ids" not in batch:
+            # Instruction data (no options): score the LM loss on the answer tokens instead.
+            out = self.model(batch)
+            if out.loss is None:
+                raise ValueError(f"{stage} batch has neither 'choice_token_ids' nor 'labels': nothing to evaluate")
+            B = int(batch["input_ids"].shape[0])
+            self.log(f"{stage}/loss", out.loss, batch_size=B, sync_dist=True, prog_bar=True)
+            self.budget[stage].update(out.stats)
+            return
+        res = self.answer(batch)
+        self.accuracy[stage].update(
+            res["predicted"], res["target"], res["benchmark"], res["category"], res["question_id"], res["num_options"]
+        )
+        self.budget[stage].update(res["stats"])
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def _log_epoch(self, stage: str) -> dict[str, float]:
+        acc = self.accuracy[stage].compute() if self.accuracy[stage].update_count else {}
+        budget = self.budget[stage].compute() if self.budget[stage].update_count else {}
+        self.accuracy[stage].reset()
+        self.budget[stage].reset()
+        values = {f"{stage}/{k}": v for k, v in acc.items()}
+        values.update({f"{stage}/{k}": v for k, v in budget.items()})
+        values[f"{stage}/keep_ratio"] = torch.tensor(self.keep_ratio)
+        # Already synced by torchmetrics: log as is (no second reduction).
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key == f"{stage}/acc", rank_zero_only=False, sync_dist=False)
+        return {k: float(v) for k, v in values.items()}
+
+    def _report(self, stage: str, values: Mapping[str, float]) -> None:
+        if not self.print_metrics or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        if f"{stage}/acc" not in values:
+            return
+        name = {"val": "validation", "test": "test"}[stage]
+        print(
+            f"[ep-kit] epoch {self.current_epoch} {name} accuracy {values[f'{stage}/acc']:.4f} "
+            f"(n={int(values[f'{stage}/count'])}, chance {values[f'{stage}/chance']:.4f}) | keep ratio "
+            f"{self.keep_ratio:g} (realised {values[f'{stage}/realised_keep_ratio']:.4f}, audio share "
+            f"{values[f'{stage}/audio_share']:.3f}, video share {values[f'{stage}/video_share']:.3f})",
+            flush=True,
+        )
+        cats = {k: v for k, v in values.items() if k.startswith(f"{stage}/acc/")}
+        if cats:
+            print("[ep-kit]   " + "  ".join(f"{k[len(stage) + 5:]}={v:.3f}" for k, v in cats.items()), flush=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val", self._log_epoch("val"))
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test", self._log_epoch("test"))
+
+    # ---------------------------------------------------------------- predict
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Per-sample answers: question id, predicted and correct letter, kept tokens."""
+        res = self.answer(batch)
+        stats = res["stats"]
+        records = []
+        for i in range(res["predicted"].shape[0]):
+            pred, gold = int(res["predicted"][i]), int(res["target"][i])
+            records.append(
+                {
+                    "question_id": res["question_id"][i],
+                    "benchmark": res["benchmark"][i],
+                    "category": res["category"][i],
+                    "predicted": option_letter(pred),
+                    "answer": option_letter(gold) if gold >= 0 else None,
+                    "correct": pred == gold,
+                    "keep_ratio": self.keep_ratio,
+                    "kept_video": int(stats["kept_video"][i]),
+                    "kept_audio": int(stats["kept_audio"][i]),
+                    "n_video": int(stats["n_video"][i]),
+                    "n_audio": int(stats["n_audio"][i]),
+                }
+            )
+        return records
+
+
+def trainable_parameter_names(module: EPKitModule) -> Sequence[str]:
+    """Names of the parameters the optimizer will update (for checks and docs)."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]

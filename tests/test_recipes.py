@@ -1,0 +1,145 @@
+"""Every shipped recipe (real and toy scale) parses, carries the paper's settings and instantiates.
+
+Real-scale recipes point at a stand-in checkpoint directory written here: a tiny thinker with the
+released head_dim (128, so the 64-pair Sync-RoPE layout binds) saved with ``save_pretrained``
+plus a processor built from the kit's offline tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _toy import REPO, toy_args
+from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+from ep_kit.cli import EPKitCLI, run
+from ep_kit.data import AVDataModule
+from ep_kit.masks import Bidirectional, Causal, IntraModal
+from ep_kit.models.tiny import tiny_thinker_config
+from ep_kit.reducers import CS2
+from ep_kit.rope import SyncRoPE, TMRoPE
+from ep_kit.scorers import MLPScorer, SimilarityScorer
+from ep_kit.selectors import GumbelTopK, HardTopK, PerModalityTopK, STETopK
+from ep_kit.train.module import EPKitModule
+
+RECIPES = REPO / "recipes"
+ROWS = [
+    "cs2_ste_20",
+    "cs2_ste_10",
+    "cs2_ste_5",
+    "ablation_causal",
+    "ablation_intramodal",
+    "ablation_no_prefusion",
+    "ablation_per_modality",
+    "ablation_similarity",
+    "ablation_gumbel",
+    "ablation_no_syncrope",
+]
+REAL = [RECIPES / f"{r}.yaml" for r in ROWS] + [RECIPES / "cs2_ste_10_7b.yaml"]
+TOY = [RECIPES / "toy" / f"{r}.yaml" for r in ROWS] + [RECIPES / "toy" / "pretrain.yaml"]
+#: row -> (attention mode, prefusion, scorer class, selector class, rope class, keep ratio)
+EXPECTED = {
+    "cs2_ste_20": (Bidirectional, True, MLPScorer, STETopK, SyncRoPE, 0.2),
+    "cs2_ste_10": (Bidirectional, True, MLPScorer, STETopK, SyncRoPE, 0.1),
+    "cs2_ste_5": (Bidirectional, True, MLPScorer, STETopK, SyncRoPE, 0.05),
+    "cs2_ste_10_7b": (Bidirectional, True, MLPScorer, STETopK, SyncRoPE, 0.1),
+    "ablation_causal": (Causal, True, MLPScorer, STETopK, SyncRoPE, 0.2),
+    "ablation_intramodal": (IntraModal, True, MLPScorer, STETopK, SyncRoPE, 0.2),
+    "ablation_no_prefusion": (Bidirectional, False, MLPScorer, STETopK, SyncRoPE, 0.2),
+    "ablation_per_modality": (Bidirectional, True, MLPScorer, PerModalityTopK, SyncRoPE, 0.2),
+    "ablation_similarity": (Bidirectional, True, SimilarityScorer, HardTopK, SyncRoPE, 0.2),
+    "ablation_gumbel": (Bidirectional, True, MLPScorer, GumbelTopK, SyncRoPE, 0.2),
+    "ablation_no_syncrope": (Bidirectional, True, MLPScorer, STETopK, TMRoPE, 0.2),
+}
+
+
+class ParseOnlyCLI(EPKitCLI):
+    """Parse (links, nested files, types) without building anything."""
+
+    def instantiate_classes(self) -> None:
+        self.config_init = self.config
+
+
+def parse(path: Path, *extra: str):
+    return ParseOnlyCLI(
+        EPKitModule, AVDataModule, subclass_mode_data=True, auto_configure_optimizers=False, run=False,
+        args=["--config", str(path), *extra],
+    ).config
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-Omni thinker directory with head_dim 128 and a processor, as a real checkpoint has."""
+    from ep_kit.data import build_processor
+
+    root = tmp_path_factory.mktemp("standin")
+    config = tiny_thinker_config(hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=128)
+    Qwen2_5OmniThinkerForConditionalGeneration._from_config(config).save_pretrained(str(root))
+    build_processor("tiny").save_pretrained(str(root))
+    return root
+
+
+def test_every_row_has_a_real_and_a_toy_recipe():
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*ROWS, "cs2_ste_10_7b"])
+    assert sorted(p.stem for p in (RECIPES / "toy").glob("*.yaml")) == sorted([*ROWS, "pretrain"])
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_recipe_has_the_paper_settings(path):
+    cfg = parse(path)
+    t = cfg.trainer
+    assert (t.strategy, t.precision, t.devices, t.max_epochs) == ("deepspeed_stage_2", "bf16-mixed", 4, 1)
+    m = cfg.model
+    assert m.optimizer.class_path == "torch.optim.AdamW" and m.optimizer.init_args.lr == pytest.approx(2e-5)
+    assert (m.warmup_ratio, m.schedule, m.train_llm, m.freeze_encoders) == (0.05, "cosine", True, True)
+    assert m.reducer.init_args.num_layers == 4
+    d = cfg.data.init_args
+    assert (d.batch_size, d.max_frames, d.use_audio_in_video) == (2, 120, True)
+    assert 100_000 <= d.max_pixels <= 110_000
+    assert m.thinker.init_args.path.startswith("/path/to/Qwen2.5-Omni-" + ("7B" if "7b" in path.stem else "3B"))
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_recipe_instantiates_on_a_standin_checkpoint(path, standin, tmp_path):
+    cli = run(
+        [
+            "--config",
+            str(path),
+            f"--model.thinker.init_args.path={standin}",
+            "--model.thinker.init_args.dtype=float32",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+            "--trainer.precision=32-true",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        run_subcommand=False,
+    )
+    check_components(cli.model, EXPECTED[path.stem])
+    assert cli.datamodule.processor_source == str(standin)  # linked from model.thinker
+    assert cli.datamodule.tokenizer.convert_tokens_to_ids("<|VIDEO|>") == cli.model.model.config.video_token_id
+
+
+@pytest.mark.parametrize("path", TOY, ids=lambda p: p.stem)
+def test_toy_recipe_instantiates(path, tmp_path):
+    cli = run(["--config", str(path), *toy_args(tmp_path)], run_subcommand=False)
+    assert cli.datamodule.processor_source == "tiny"
+    if path.stem == "pretrain":
+        assert cli.model.model.reducer is None and cli.model.hparams.export_thinker
+        assert any(p.requires_grad for p in cli.model.model.thinker.model.visual.parameters())
+        return
+    check_components(cli.model, EXPECTED[path.stem])
+    assert cli.model.model.reducer.num_layers == 2
+
+
+def check_components(module: EPKitModule, expected) -> None:
+    attention, prefusion, scorer, selector, rope, ratio = expected
+    red = module.model.reducer
+    assert isinstance(red, CS2)
+    assert type(red.attention) is attention and red.prefusion is prefusion
+    assert type(red.scorer) is scorer and type(red.selector) is selector
+    assert type(module.model.rope) is rope
+    assert module.keep_ratio == pytest.approx(ratio)
+    assert not any(p.requires_grad for p in module.model.thinker.model.audio_tower.parameters())
+    assert all(p.requires_grad for p in red.layers.parameters())
