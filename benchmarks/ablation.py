@@ -50,10 +50,9 @@ def commit() -> str:
 
 def run_row(recipe: Path, seed: int, quick: bool, base: str | None) -> dict[str, float]:
     """Fit one row for one seed and test it; returns the test metrics."""
-    from ep_kit.cli import run
+    from ep_kit.cli import fit_then_test
 
     args = [
-        "fit",
         "--config",
         str(recipe),
         f"--seed_everything={seed}",
@@ -65,12 +64,7 @@ def run_row(recipe: Path, seed: int, quick: bool, base: str | None) -> dict[str,
         args.append(f"--model.thinker.init_args.init_from={base}")
     if quick:
         args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=1"]
-    cli = run(args)
-    results = cli.trainer.test(
-        cli.model, datamodule=cli.datamodule, verbose=False, ckpt_path=None
-    )
-    metrics = {k: float(v) for k, v in results[0].items()}
-    return metrics
+    return fit_then_test(args)
 
 
 def ensure_base(quick: bool) -> str | None:

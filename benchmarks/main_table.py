@@ -28,8 +28,11 @@ composes the toy recipes' own ``_base`` files (the toy base is built on first us
 thinker and the benchmark data). The EchoingPixels row runs the CS2 recipe of each budget
 (``recipes/[toy/]cs2_ste_{pct}.yaml``, as a complete config) with its trained weights
 (``--echoingpixels-ckpt``, ``{pct}`` = 20/10/5, loaded through ``model.init_from``: the budget on
-the command line is the one that runs). A missing config or checkpoint leaves that row ``n/a``
-with the reason in the notes -- never a silently different model.
+the command line is the one that runs). At toy scale without ``--echoingpixels-ckpt`` the script
+trains each budget's CS2 recipe itself first (``ep-kit fit``, seed ``--seed``, from the same toy
+base) and tests the result, so the one command gives the whole table. At real scale a missing
+config or checkpoint leaves that row ``n/a`` with the reason in the notes -- never a silently
+different model.
 """
 
 from __future__ import annotations
@@ -105,6 +108,30 @@ def evaluate(configs: Sequence[Path], overrides: Sequence[str]) -> dict[str, flo
     finally:
         sys.argv = argv
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+
+
+def train_and_test(recipe: Path, seed: int, overrides: Sequence[str]) -> dict[str, float]:
+    """Fit a trainable row's recipe (toy scale) and test the fitted weights; returns the test metrics."""
+    from ep_kit.cli import fit_then_test
+
+    run_dir = ROOT / "runs" / "main_table"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        "--config",
+        str(recipe),
+        f"--seed_everything={seed}",
+        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='fit-', dir=run_dir)}",
+        f"--trainer.logger.init_args.name=main_table/{recipe.stem}/seed{seed}",
+        "--trainer.enable_progress_bar=false",
+        "--model.print_metrics=false",
+        *overrides,
+    ]
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        metrics = fit_then_test(args)
+    finally:
+        sys.argv = argv
+    return {k: v for k, v in metrics.items() if k.startswith("test/")}
 
 
 def _pct(r: float) -> int:
@@ -207,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--echoingpixels", help="EchoingPixels recipe template ('{pct}' = 20/10/5)")
     p.add_argument("--echoingpixels-ckpt", help="trained EchoingPixels weights template ('{pct}' = 20/10/5)")
+    p.add_argument("--seed", type=int, default=0, help="toy: seed of the EchoingPixels rows trained here")
     p.add_argument("--limit", type=int, help="toy: number of synthetic test questions (smoke runs)")
     p.add_argument("--av-groups", nargs="+")
     p.add_argument("--video-groups", nargs="+")
@@ -247,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if method == "EchoingPixels":
                 configs = [ROOT / (args.echoingpixels or scale["echoingpixels"]).format(pct=_pct(r))]
                 ckpt = args.echoingpixels_ckpt
+                if ckpt is None and args.scale == "toy" and configs[0].is_file():
+                    cell.metrics = train_and_test(configs[0], args.seed, overrides)
+                    cell.note = f"trained here: ep-kit fit --config {configs[0].relative_to(ROOT)} (seed {args.seed})"
+                    cells.append(cell)
+                    continue
                 if ckpt is None:
                     cell.note = f"not run: no trained weights (train with ep-kit fit --config {configs[0].relative_to(ROOT)}, pass --echoingpixels-ckpt)"
                 elif not Path(ckpt.format(pct=_pct(r))).exists():

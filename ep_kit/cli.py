@@ -79,6 +79,18 @@ def run(args: Sequence[str] | dict | None = None, run_subcommand: bool = True) -
         return _build(args, run_subcommand)
 
 
+def fit_then_test(args: Sequence[str]) -> dict[str, float]:
+    """``ep-kit fit`` with ``args`` (config files and overrides), then test the fitted weights.
+
+    The test runs on the same data module's test split with the weights as they are at the end of
+    ``fit`` (no checkpoint reload, so no saved hyper-parameters override ``args``). Returns the
+    logged ``test/...`` metrics. The benchmarks train their rows through this one path.
+    """
+    cli = run(["fit", *args])
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False, ckpt_path=None)
+    return {k: float(v) for k, v in results[0].items()}
+
+
 def _build(args: Sequence[str] | dict | None, run_subcommand: bool) -> EPKitCLI:
     return EPKitCLI(
         EPKitModule,
