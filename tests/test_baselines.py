@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _decode import append_token, row_of
 from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
 from ep_kit.budget import keep_count
@@ -484,32 +485,6 @@ def test_omnizip_budget_anchors_and_windows(tiny_model, tiny_config, av_batch, a
 # ------------------------------------------------------------- generation
 
 
-def _row(seq: TokenSequence, b: int) -> TokenSequence:
-    n = int(seq.attention_mask[b].sum())
-    return TokenSequence(
-        hidden=seq.hidden[b : b + 1, :n],
-        modality=seq.modality[b : b + 1, :n],
-        positions=seq.positions[:, b : b + 1, :n],
-        attention_mask=seq.attention_mask[b : b + 1, :n],
-        answer_mask=seq.answer_mask[b : b + 1, :n],
-        input_ids=seq.input_ids[b : b + 1, :n],
-        source_index=seq.source_index[b : b + 1, :n],
-    )
-
-
-def _append(model: OmniThinker, seq: TokenSequence, token: torch.Tensor, position: int) -> TokenSequence:
-    one = torch.ones(1, 1, dtype=torch.bool)
-    return TokenSequence(
-        hidden=torch.cat([seq.hidden, model.embed_tokens(token).view(1, 1, -1)], 1),
-        modality=torch.cat([seq.modality, torch.full((1, 1), int(Modality.TEXT))], 1),
-        positions=torch.cat([seq.positions, torch.full((seq.positions.shape[0], 1, 1), position)], 2),
-        attention_mask=torch.cat([seq.attention_mask, one], 1),
-        answer_mask=torch.cat([seq.answer_mask, ~one], 1),
-        input_ids=torch.cat([seq.input_ids, token.view(1, 1)], 1),
-        source_index=torch.cat([seq.source_index, torch.full((1, 1), 10_000)], 1),
-    )
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -552,7 +527,7 @@ def test_generate_with_reduced_prefill_matches_uncached_recompute(
     with torch.no_grad():
         for b in range(3):
             next_pos = int(full.positions[:, b, : int(full.attention_mask[b].sum())].max()) + 1
-            cur, toks = _row(pre, b), []
+            cur, toks = row_of(pre, b), []
             for step in range(4):
                 seq = cur
                 for start, end in zip(bounds[:-1], bounds[1:], strict=False):
@@ -565,7 +540,7 @@ def test_generate_with_reduced_prefill_matches_uncached_recompute(
                     seq = model.run_layers(seq, start, end)
                 token = model.lm_head(model.final_norm(seq.hidden[:, -1])).argmax(-1)
                 toks.append(int(token))
-                cur = _append(model, cur, token, next_pos + step)
+                cur = append_token(model, cur, token, next_pos + step)
             refs.append(toks)
     assert ours.shape == (3, 4)
     assert ours.tolist() == refs

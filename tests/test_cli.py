@@ -13,7 +13,7 @@ import torch
 from _toy import TOY_ROW, toy_args
 
 from ep_kit.budget import keep_count
-from ep_kit.cli import main, run
+from ep_kit.cli import fit_then_test, main, run
 from ep_kit.sequence import Modality
 
 
@@ -162,3 +162,15 @@ def test_missing_base_without_pretrain_recipe_says_how(tmp_path):
                 "--model.thinker.init_args.pretrain_config=null",
             ]
         )
+
+
+@pytest.mark.slow
+def test_fit_then_test_equals_a_separate_test_run_of_the_last_checkpoint(tmp_path):
+    """The benchmarks' one training path tests the weights fit ended with, under the fit's own config."""
+    metrics = fit_then_test(["--config", str(TOY_ROW), *toy_args(tmp_path, epochs=1)])
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    reference = run(["test", "--config", str(TOY_ROW), *toy_args(tmp_path), f"--model.init_from={ckpt}"])
+    expected = reference.trainer.callback_metrics
+    assert metrics["test/count"] == 5
+    for key in ("test/acc", "test/realised_keep_ratio", "test/audio_share"):
+        assert metrics[key] == pytest.approx(expected[key].item(), abs=1e-6), key

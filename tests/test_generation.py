@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _decode import append_token, row_of
 
 from ep_kit.models import OmniThinker
 from ep_kit.reducers import CS2, TokenReducer
-from ep_kit.sequence import Modality, TokenSequence
 
 
 def _single(batch: dict, b: int) -> dict:
@@ -44,32 +44,6 @@ def test_unreduced_generate_matches_transformers_generate(tiny_model, tiny_confi
         assert ours[b].tolist() == ref[0, single["input_ids"].shape[1] :].tolist()
 
 
-def _row(seq: TokenSequence, b: int) -> TokenSequence:
-    n = int(seq.attention_mask[b].sum())
-    return TokenSequence(
-        hidden=seq.hidden[b : b + 1, :n],
-        modality=seq.modality[b : b + 1, :n],
-        positions=seq.positions[:, b : b + 1, :n],
-        attention_mask=seq.attention_mask[b : b + 1, :n],
-        answer_mask=seq.answer_mask[b : b + 1, :n],
-        input_ids=seq.input_ids[b : b + 1, :n],
-        source_index=seq.source_index[b : b + 1, :n],
-    )
-
-
-def _append(model: OmniThinker, seq: TokenSequence, token: torch.Tensor, position: int) -> TokenSequence:
-    one = torch.ones(1, 1, dtype=torch.bool)
-    return TokenSequence(
-        hidden=torch.cat([seq.hidden, model.embed_tokens(token).view(1, 1, -1)], 1),
-        modality=torch.cat([seq.modality, torch.full((1, 1), int(Modality.TEXT))], 1),
-        positions=torch.cat([seq.positions, torch.full((seq.positions.shape[0], 1, 1), position)], 2),
-        attention_mask=torch.cat([seq.attention_mask, one], 1),
-        answer_mask=torch.cat([seq.answer_mask, ~one], 1),
-        input_ids=torch.cat([seq.input_ids, token.view(1, 1)], 1),
-        source_index=torch.cat([seq.source_index, torch.full((1, 1), 10_000)], 1),
-    )
-
-
 def _reference_greedy(model: OmniThinker, batch: dict, steps: int, run) -> list[list[int]]:
     """Greedy decoding that recomputes the whole (reduced) sequence from scratch at every step."""
     with torch.no_grad():
@@ -79,12 +53,12 @@ def _reference_greedy(model: OmniThinker, batch: dict, steps: int, run) -> list[
         for b in range(full.batch_size):
             n_full = int(full.attention_mask[b].sum())
             next_pos = int(full.positions[:, b, :n_full].max()) + 1
-            cur, toks = _row(seq, b), []
+            cur, toks = row_of(seq, b), []
             for step in range(steps):
                 hidden = run(cur)
                 token = model.lm_head(model.final_norm(hidden[:, -1])).argmax(-1)
                 toks.append(int(token))
-                cur = _append(model, cur, token, next_pos + step)
+                cur = append_token(model, cur, token, next_pos + step)
             outs.append(toks)
     return outs
 

@@ -19,7 +19,6 @@ from ep_kit.rope import SyncRoPE
 from ep_kit.sequence import Modality
 from ep_kit.train import BudgetShare, EPKitModule, MultipleChoiceAccuracy, StopAfterSteps, TinyThinker
 from ep_kit.train.module import prompt_end_index
-from ep_kit.train.resumable import ResumableDataLoader
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -100,15 +99,6 @@ def test_prompt_end_index_stops_before_a_teacher_forced_answer():
 
 
 # --------------------------------------------------------------------------- kill and resume
-class ResumableAV(AVDataModule):
-    """AVDataModule whose training loader resumes mid-epoch (see ep_kit.train.resumable)."""
-
-    def train_dataloader(self):
-        base = super().train_dataloader()
-        return ResumableDataLoader(base.dataset, batch_size=self.batch_size, shuffle=True, seed=7,
-                                   collate_fn=base.collate_fn, num_workers=0)
-
-
 def _toy_module() -> EPKitModule:
     return EPKitModule(
         TinyThinker(num_layers=2),
@@ -122,8 +112,9 @@ def _toy_module() -> EPKitModule:
 
 def _fit(root, dm_root, callbacks, ckpt_path=None, stop=None):
     seed_everything(0)
-    dm = ResumableAV(SyntheticSource(root=str(dm_root / "syn"), num_train=12, num_val=4, num_test=4, seconds=2,
-                                     resolution=28), batch_size=4, eval_batch_size=4, cache_dir=str(dm_root / "cache"))
+    # The shipped data module: its single-process training loader resumes mid-epoch by itself.
+    dm = AVDataModule(SyntheticSource(root=str(dm_root / "syn"), num_train=12, num_val=4, num_test=4, seconds=2,
+                                      resolution=28), batch_size=4, eval_batch_size=4, cache_dir=str(dm_root / "cache"))
     module = _toy_module()
     cbs = list(callbacks) + ([StopAfterSteps(stop)] if stop else [])
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=2, deterministic=True, logger=False,

@@ -37,6 +37,7 @@ from ep_kit.data.collate import collate_av
 from ep_kit.data.instruct import InstructDataset
 from ep_kit.data.media import FPS_MAX_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 from ep_kit.data.processor import AVInputBuilder, SampleEncoder, build_processor
+from ep_kit.data.resumable import ResumableDataLoader
 from ep_kit.data.synthetic import SyntheticAVBenchmark
 
 Split = Literal["train", "val", "test"]
@@ -239,6 +240,12 @@ class AVDataModule(L.LightningDataModule):
             ``None``: the source's choice, 30 s for real data).
         system_prompt: replaces the chat template's default system turn when set.
         cache_dir: processed-sample cache (``None``: no cache).
+        shuffle_seed: seed of the training shuffle (``None``: the run's seed, ``torch.initial_seed()``,
+            which ``seed_everything`` sets). In a single-process run the training loader is a
+            :class:`~ep_kit.data.resumable.ResumableDataLoader`, so a run killed mid-epoch and
+            resumed from its last checkpoint replays exactly the remaining batches. Under a
+            distributed strategy Lightning's ``DistributedSampler`` shuffles instead (a resumed run
+            then restarts the interrupted epoch).
     """
 
     def __init__(
@@ -256,6 +263,7 @@ class AVDataModule(L.LightningDataModule):
         audio_chunk_seconds: int | None = None,
         system_prompt: str | None = None,
         cache_dir: str | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -276,6 +284,7 @@ class AVDataModule(L.LightningDataModule):
         )
         self.system_prompt = system_prompt
         self.cache_dir = cache_dir
+        self.shuffle_seed = shuffle_seed
         self._encoder: SampleEncoder | None = None
         self.datasets: dict[str, Dataset | None] = {}
 
@@ -329,14 +338,17 @@ class AVDataModule(L.LightningDataModule):
         ds = self.datasets.get(split)
         if ds is None:
             raise ValueError(f"{type(self.source).__name__} has no {split!r} split")
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self._collate(),
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": self._collate(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if shuffle and not distributed:
+            seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % 2**31
+            return ResumableDataLoader(ds, shuffle=True, seed=seed, **kwargs)
+        return DataLoader(ds, shuffle=shuffle, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)
