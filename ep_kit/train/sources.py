@@ -13,8 +13,10 @@ transformers thinker; the reduction components (rope, reducer, budget) are passe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -150,12 +152,25 @@ class TinyThinker(ThinkerSource):
         if self.init_from is None:
             return OmniThinker.from_config(config, **components)
         root = Path(self.init_from)
-        if not is_base_dir(root):
+        if not is_base_dir(root) or self._stale(root):
             self._make_base(root)
         _check_same_architecture(config, read_thinker_config(root), root)
         return OmniThinker.from_pretrained(
             root, dtype=torch.float32, attn_implementation=self.attn_implementation, **components
         )
+
+    def _stale(self, root: Path) -> bool:
+        """True when the base was built by ``build_base`` from another version of ``pretrain_config``.
+
+        A base without a recorded digest (built by hand) is taken as it is.
+        """
+        if self.pretrain_config is None or not Path(self.pretrain_config).is_file():
+            return False
+        recorded = json.loads((root / BASE_DONE).read_text()).get("recipe_digest")
+        if recorded is None or recorded == recipe_digest(Path(self.pretrain_config)):
+            return False
+        rank_zero_info(f"[ep-kit] toy base {root} was built from another {self.pretrain_config}: rebuilding it")
+        return True
 
     def _make_base(self, root: Path) -> None:
         if self.pretrain_config is None:
@@ -178,11 +193,26 @@ def is_base_dir(root: Path) -> bool:
     return (root / BASE_DONE).is_file() and (root / "config.json").is_file()
 
 
+def recipe_digest(recipe: Path) -> str:
+    """sha256 of a recipe file and of the YAML files it names (its ``_base`` parts), in order.
+
+    Recorded in the base's marker by :func:`build_base`, so an edited pretraining recipe is noticed
+    instead of silently reusing the base an older version built.
+    """
+    h = hashlib.sha256(recipe.read_bytes())
+    for name in re.findall(r"[\w./-]+\.ya?ml", recipe.read_text()):
+        part = recipe.parent / name
+        if part.is_file():
+            h.update(name.encode() + part.read_bytes())
+    return h.hexdigest()
+
+
 def build_base(recipe: Path, root: Path, extra_args: Sequence[str] = ()) -> None:
     """Run ``ep-kit fit --config recipe`` in a child process so that it exports the base to ``root``.
 
     The recipe's ``model.export_thinker`` is pointed at ``root``. A child process keeps the
-    pretraining run's seeding, loggers and threads out of the caller.
+    pretraining run's seeding, loggers and threads out of the caller. The marker of the finished
+    base records :func:`recipe_digest` of ``recipe`` (``extra_args`` are not part of it).
     """
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
         raise FileNotFoundError(
@@ -201,11 +231,14 @@ def build_base(recipe: Path, root: Path, extra_args: Sequence[str] = ()) -> None
         *extra_args,
     ]
     start = time.time()
+    (root / BASE_DONE).unlink(missing_ok=True)  # a rebuild killed half-way must not look finished
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0 or not is_base_dir(root):
         raise RuntimeError(
             f"building the toy base with {' '.join(cmd)} failed (exit {result.returncode}); run it by hand to see why"
         )
+    marker = json.loads((root / BASE_DONE).read_text())
+    write_base_marker(root, {**marker, "recipe": str(recipe), "recipe_digest": recipe_digest(recipe)})
     rank_zero_info(f"[ep-kit] toy base written to {root} in {time.time() - start:.0f} s")
 
 
