@@ -13,8 +13,12 @@ Columns, per method and budget (20/10/5%):
   ``--video-groups`` name the metric keys under ``test/acc/``).
 * ``AV rel`` / ``Video rel`` / ``Rel``: 100 x the method's average over the Full model's (``Rel``
   uses the mean of the two averages), the paper's "relative to full".
-* ``realised``: kept A/V tokens / A/V tokens over the test split (the budget actually spent; for
-  PyramidDrop the final stage, with its layer-averaged effective budget in the notes).
+* ``realised``: kept A/V tokens / A/V tokens over the test split after the last reduction (for
+  FastV and PyramidDrop: the tokens the last decoder layers see).
+* ``layer-avg``: A/V tokens each decoder layer ran on, averaged over the layers, over the A/V
+  tokens (logged by the module as ``test/layer_avg_keep_ratio``): PyramidDrop's effective budget,
+  and what FastV spends before its drop layer. Equal to ``realised`` for methods that reduce
+  before the LLM.
 
 Usage (from the repository root)::
 
@@ -142,26 +146,6 @@ def _fmt(x: float, digits: int = 1, scale: float = 100.0) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x * scale:.{digits}f}"
 
 
-def pyramiddrop_note(row_config: Path, ratio: float) -> str:
-    """Layer-averaged effective budget of a PyramidDrop row (read from its overlay)."""
-    import yaml
-
-    from ep_kit.reducers.pyramiddrop import PyramidDrop, effective_budget
-
-    spec = yaml.safe_load(row_config.read_text())["model"]["reducer"]["init_args"]
-    red = PyramidDrop(
-        layers=spec.get("layers"),
-        stage_ratio=spec.get("stage_ratio"),
-        match=spec.get("match", "layer_average"),
-    )
-    num_layers = 4  # TinyThinker default; the real recipes name 36-layer 3B
-    if "recipes/baselines" in str(row_config):
-        num_layers = 36
-    red.num_layers = num_layers
-    lam = red.lam(ratio)
-    return f"PyramidDrop lambda={lam:.3f}, layer-averaged budget {effective_budget(lam, num_layers, red.layers):.3f}"
-
-
 def build_table(
     cells: list[Cell], full: Cell, av_groups: Sequence[str], video_groups: Sequence[str]
 ) -> list[dict[str, str]]:
@@ -184,6 +168,7 @@ def build_table(
                 "Rel": _fmt(rel),
                 "overall acc": _fmt(c.metrics.get("test/acc", float("nan"))),
                 "realised": _fmt(c.metrics.get("test/realised_keep_ratio", float("nan")), 3, 1.0),
+                "layer-avg": _fmt(c.metrics.get("test/layer_avg_keep_ratio", float("nan")), 3, 1.0),
                 "n": str(int(c.metrics["test/count"])) if "test/count" in c.metrics else "0",
                 "note": c.note,
             }
@@ -297,8 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cell.metrics = evaluate(configs, [*overrides, *extra, f"--model.keep_ratio={r}"])
             except (FileNotFoundError, ValueError) as err:
                 cell.note = f"not run: {err}"
-            if method == "PyramidDrop" and not cell.note:
-                cell.note = pyramiddrop_note(configs[-1], r)
             cells.append(cell)
     rows = build_table(cells, full, av_groups, video_groups)
     command = "python " + " ".join(

@@ -242,6 +242,7 @@ def test_pyramiddrop_stages_match_eager_attention(tiny_model, tiny_config, av_ba
     assert torch.equal(out.stats["kept_candidates"], k3.long())
     realised = float((n + k1 + k2 + k3).sum()) / 4 / float(n.sum())
     assert out.stats["layer_avg_keep_ratio"] == pytest.approx(realised)
+    torch.testing.assert_close(out.stats["layer_avg_kept"], (n + k1 + k2 + k3).float() / 4)
     assert out.stats["pyramiddrop_effective"] == pytest.approx(effective_budget(0.5, 4, [1, 2, 3]))
 
 

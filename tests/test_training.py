@@ -60,6 +60,18 @@ def test_budget_share_by_hand():
     assert out["audio_share"].item() == pytest.approx(10 / 12)
     assert out["video_share"].item() == pytest.approx(2 / 12)
     assert out["video_keep_ratio"].item() == pytest.approx(2 / 10)
+    assert "layer_avg_keep_ratio" not in out  # no per-layer counts seen
+
+
+def test_budget_share_layer_average_by_hand():
+    """PyramidDrop-style counts: 40 candidates run 2 layers on 40 and 2 on 10 (mean 25); 20 run on 20, 20, 4, 4."""
+    m = BudgetShare()
+    m.update({"n_video": torch.tensor([10, 0]), "n_audio": torch.tensor([30, 20]), "kept_video": torch.tensor([2, 0]),
+              "kept_audio": torch.tensor([8, 4]), "n_candidates": torch.tensor([40, 20]),
+              "kept_candidates": torch.tensor([10, 4]), "layer_avg_kept": torch.tensor([25.0, 12.0])})
+    out = m.compute()
+    assert out["realised_keep_ratio"].item() == pytest.approx(14 / 60)
+    assert out["layer_avg_keep_ratio"].item() == pytest.approx(37 / 60)
 
 
 # --------------------------------------------------------------------------- option scoring

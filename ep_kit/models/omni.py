@@ -530,9 +530,9 @@ class OmniThinker(nn.Module):
         }
         per_layer = ctx.stats.get("llm_candidates_per_layer") or []
         if per_layer:
-            stats["layer_avg_keep_ratio"] = float(torch.stack(per_layer).float().mean(0).sum()) / max(
-                1, int(n_cand.sum())
-            )
+            # Candidates each decoder layer ran on, averaged over layers (PyramidDrop's effective budget).
+            stats["layer_avg_kept"] = torch.stack(per_layer).float().mean(0)
+            stats["layer_avg_keep_ratio"] = float(stats["layer_avg_kept"].sum()) / max(1, int(n_cand.sum()))
         for key, value in ctx.stats.items():
             if key != "llm_candidates_per_layer":
                 stats.setdefault(key, value)

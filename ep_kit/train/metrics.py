@@ -140,7 +140,9 @@ class BudgetShare(Metric):
     ``update(stats)`` takes :class:`~ep_kit.models.omni.OmniOutput` ``stats`` (per-sample counts
     ``n_video``, ``n_audio``, ``kept_video``, ``kept_audio``, ``n_candidates``, ``kept_candidates``).
     :meth:`compute` returns ``realised_keep_ratio`` (kept / candidate tokens), ``audio_share`` and
-    ``video_share`` (of the kept A/V tokens), ``audio_keep_ratio`` and ``video_keep_ratio``.
+    ``video_share`` (of the kept A/V tokens), ``audio_keep_ratio`` and ``video_keep_ratio``, and,
+    when the stats carry ``layer_avg_kept`` (candidates per decoder layer, averaged over layers),
+    ``layer_avg_keep_ratio``: the effective budget of methods that drop inside the LLM.
     """
 
     full_state_update = False
@@ -148,7 +150,7 @@ class BudgetShare(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for key in self.KEYS:
+        for key in (*self.KEYS, "layer_avg_kept", "layer_avg_candidates"):
             self.add_state(key, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, stats: Mapping[str, Tensor]) -> None:
@@ -158,16 +160,22 @@ class BudgetShare(Metric):
         for key in self.KEYS:
             value = torch.as_tensor(stats[key]).to(self.device, torch.float64).sum()
             setattr(self, key, getattr(self, key) + value)
+        if "layer_avg_kept" in stats:
+            self.layer_avg_kept += torch.as_tensor(stats["layer_avg_kept"]).to(self.device, torch.float64).sum()
+            self.layer_avg_candidates += torch.as_tensor(stats["n_candidates"]).to(self.device, torch.float64).sum()
 
     def compute(self) -> dict[str, Tensor]:
         def ratio(a: Tensor, b: Tensor) -> Tensor:
             return (a / b.clamp(min=1.0)).float()
 
         kept_av = self.kept_audio + self.kept_video
-        return {
+        out = {
             "realised_keep_ratio": ratio(self.kept_candidates, self.n_candidates),
             "audio_share": ratio(self.kept_audio, kept_av),
             "video_share": ratio(self.kept_video, kept_av),
             "audio_keep_ratio": ratio(self.kept_audio, self.n_audio),
             "video_keep_ratio": ratio(self.kept_video, self.n_video),
         }
+        if self.layer_avg_candidates > 0:
+            out["layer_avg_keep_ratio"] = ratio(self.layer_avg_kept, self.layer_avg_candidates)
+        return out
