@@ -42,7 +42,10 @@ QUICK_BASE = ".cache/ep-kit/toy_base_quick"
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+        # The result files this script (re)writes do not make the code "uncommitted".
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"], cwd=REPO, capture_output=True, text=True
+        ).stdout
         return out.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
     except OSError:
         return "unknown"
