@@ -161,6 +161,53 @@ def test_kill_mid_epoch_and_resume_equals_uninterrupted(tmp_path):
     )
 
 
+def _step_ckpt_overlay(path, ckpt_dir) -> str:
+    """A trainer overlay that keeps a checkpoint of every training step (``step=N.ckpt``)."""
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
+        f"        dirpath: {ckpt_dir}\n        filename: '{{step}}'\n        every_n_train_steps: 1\n"
+        "        save_top_k: -1\n"
+    )
+    return str(path)
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """``ep-kit fit`` killed with SIGKILL mid-epoch, resumed with ``--ckpt_path``: same final weights and metrics."""
+    import signal
+    import time
+
+    from ep_kit.cli import run
+
+    def args(name: str) -> list[str]:
+        return ["--config", str(TOY_ROW), *toy_args(tmp_path / name, num_train=16, epochs=2)[1:],
+                "--model.thinker.init_args.init_from=null", "--model.print_metrics=false",
+                f"--data.init_args.source.init_args.root={tmp_path / 'synthetic'}",
+                f"--data.init_args.cache_dir={tmp_path / 'cache'}"]
+
+    full = run(["fit", *args("full"), "--config", _step_ckpt_overlay(tmp_path / "a.yaml", tmp_path / "ck_full")])
+    # 16 clips / batch 4 = 4 steps per epoch; step 2 is mid-epoch 1.
+    killed_dir = tmp_path / "ck_killed"
+    cmd = [sys.executable, "-m", "ep_kit.cli", "fit", *args("killed"),
+           "--config", _step_ckpt_overlay(tmp_path / "b.yaml", killed_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    # Kill once step 3's checkpoint exists: step 2's is then complete on disk.
+    while not (killed_dir / "step=3.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    was_running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert was_running, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run(["fit", *args("resumed"), f"--ckpt_path={killed_dir / 'step=2.ckpt'}"])
+    assert resumed.trainer.global_step == full.trainer.global_step == 8
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    for key in ("val/acc", "val/realised_keep_ratio", "val/audio_share", "train/loss"):
+        assert resumed.trainer.callback_metrics[key].item() == pytest.approx(full.trainer.callback_metrics[key].item())
+
+
 # ------------------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_sync_metrics(tmp_path):
