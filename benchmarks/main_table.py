@@ -49,9 +49,10 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +96,22 @@ class Cell:
         return sum(vals) / len(vals) if vals else float("nan")
 
 
+def _in_process(call: Callable[[list[str]], Any], args: list[str], overrides: Sequence[str], prefix: str) -> Any:
+    """``call(args + overrides)`` with a fresh run directory and ``sys.argv`` holding only the program name.
+
+    A fresh directory per cell keeps one run's saved config.yaml from colliding with another's;
+    the argv swap makes the CLI see exactly ``args``, not this script's flags.
+    """
+    run_dir = ROOT / "runs" / "main_table"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = [*args, f"--trainer.default_root_dir={tempfile.mkdtemp(prefix=prefix, dir=run_dir)}", *overrides]
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return call(args)
+    finally:
+        sys.argv = argv
+
+
 def evaluate(configs: Sequence[Path], overrides: Sequence[str]) -> dict[str, float]:
     """Run ``ep-kit test`` in process and return the logged test metrics."""
     from ep_kit.cli import run
@@ -102,15 +119,7 @@ def evaluate(configs: Sequence[Path], overrides: Sequence[str]) -> dict[str, flo
     args = ["test"]
     for c in configs:
         args += ["--config", str(c)]
-    # A fresh run directory per cell: the saved config.yaml of one run never collides with another's.
-    run_dir = ROOT / "runs" / "main_table"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    args += [f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='cell-', dir=run_dir)}", *overrides]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI gets exactly ``args``, not this script's flags
-    try:
-        cli = run(args)
-    finally:
-        sys.argv = argv
+    cli = _in_process(run, args, overrides, "cell-")
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
 
 
@@ -118,23 +127,15 @@ def train_and_test(recipe: Path, seed: int, overrides: Sequence[str]) -> dict[st
     """Fit a trainable row's recipe (toy scale) and test the fitted weights; returns the test metrics."""
     from ep_kit.cli import fit_then_test
 
-    run_dir = ROOT / "runs" / "main_table"
-    run_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "--config",
         str(recipe),
         f"--seed_everything={seed}",
-        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='fit-', dir=run_dir)}",
         f"--trainer.logger.init_args.name=main_table/{recipe.stem}/seed{seed}",
         "--trainer.enable_progress_bar=false",
         "--model.print_metrics=false",
-        *overrides,
     ]
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        metrics = fit_then_test(args)
-    finally:
-        sys.argv = argv
+    metrics = _in_process(fit_then_test, args, overrides, "fit-")
     return {k: v for k, v in metrics.items() if k.startswith("test/")}
 
 
