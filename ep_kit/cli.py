@@ -20,6 +20,9 @@ Programmatic use (the ablation benchmark, tests): :func:`run` returns the CLI ob
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +51,37 @@ def processor_for(thinker: Any) -> str:
     return "tiny"
 
 
+class MissingExtraError(ImportError):
+    """An optional extra of ep-kit is needed by the configuration (the message names the pip command)."""
+
+
+_NESTED_NULL = re.compile(r"^--(?P<owner>[\w.]+\.init_args\.[\w]+)\.init_args\.(?P<name>\w+)$")
+
+
+def nested_nulls(args: Sequence[str]) -> list[str]:
+    """Rewrite ``--a.init_args.b.init_args.c=null`` as ``--a.init_args.b={"init_args": {"c": null}}``.
+
+    jsonargparse 4.x turns ``null`` given for an argument of a class nested inside another class's
+    ``init_args`` into the string ``"None"`` (it re-parses ``--c=None``); the dict form it parses
+    right. So ``--data.init_args.source.init_args.val=null`` means None, as it does one level up.
+    Both ``--key=null`` and ``--key null`` are rewritten.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = str(args[i])
+        key, eq, value = arg.partition("=")
+        spaced = not eq and i + 1 < len(args) and str(args[i + 1]) == "null"
+        m = _NESTED_NULL.match(key)
+        if m and (value == "null" or spaced):
+            out.append(f'--{m["owner"]}={{"init_args": {{"{m["name"]}": null}}}}')
+            i += 2 if spaced else 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 class EPKitCLI(LightningCLI):
     """LightningCLI for :class:`~ep_kit.train.module.EPKitModule` and :class:`~ep_kit.data.AVDataModule`.
 
@@ -57,6 +91,22 @@ class EPKitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.thinker", "data.init_args.processor", compute_fn=processor_for)
 
+    def instantiate_classes(self) -> None:
+        """Build the configured objects; first fail early, with the fix, when an optional extra is missing."""
+        self._check_extras()
+        super().instantiate_classes()
+
+    def _check_extras(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        strategy = config.get("trainer", {}).get("strategy") if config is not None else None
+        name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
+        if "deepspeed" in str(name).lower() and importlib.util.find_spec("deepspeed") is None:
+            raise MissingExtraError(
+                f"trainer.strategy={name!r} needs DeepSpeed, which is not installed: pip install \"ep-kit[deepspeed]\" "
+                "(or train with FSDP: --trainer recipes/_base/trainer_4gpu_fsdp.yaml, or on one device: "
+                "--trainer.strategy=auto)"
+            )
+
     def before_predict(self) -> None:
         """``predict`` answers the test split when the data module defines no predict split."""
         from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -64,6 +114,14 @@ class EPKitCLI(LightningCLI):
         dm = self.datamodule
         if dm is not None and not is_overridden("predict_dataloader", dm):
             dm.predict_dataloader = dm.test_dataloader
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, with ``null`` for nested class arguments meaning None (see :func:`nested_nulls`)."""
+        if args is None:
+            args = sys.argv[1:]
+        if isinstance(args, (list, tuple)):
+            args = nested_nulls(args)
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") in EVAL_SUBCOMMANDS:

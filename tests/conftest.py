@@ -83,3 +83,11 @@ def tiny_model(tiny_config):
         return OmniThinker(thinker, **components)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """The stand-in Qwen2.5-Omni checkpoint and data (``python -m ep_kit.standin``), 2 questions per benchmark."""
+    from ep_kit.standin import write_standin
+
+    return write_standin(tmp_path_factory.mktemp("standin"), questions=2)

@@ -1,8 +1,7 @@
 """Every shipped recipe (real and toy scale) parses, carries the paper's settings and instantiates.
 
-Real-scale recipes point at a stand-in checkpoint directory written here: a tiny thinker with the
-released head_dim (128, so the 64-pair Sync-RoPE layout binds) saved with ``save_pretrained``
-plus a processor built from the kit's offline tokenizer.
+Real-scale recipes point at the stand-in checkpoint (``ep_kit.standin``: the released layout and
+head_dim 128, so the 64-pair Sync-RoPE layout binds); ``test_real_scale.py`` runs them end to end.
 """
 
 from __future__ import annotations
@@ -11,12 +10,10 @@ from pathlib import Path
 
 import pytest
 from _toy import REPO, toy_args
-from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
 from ep_kit.cli import EPKitCLI, run
 from ep_kit.data import AVDataModule
 from ep_kit.masks import Bidirectional, Causal, IntraModal
-from ep_kit.models.tiny import tiny_thinker_config
 from ep_kit.reducers import CS2
 from ep_kit.rope import SyncRoPE, TMRoPE
 from ep_kit.scorers import MLPScorer, SimilarityScorer
@@ -68,20 +65,9 @@ def parse(path: Path, *extra: str):
     ).config
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory) -> Path:
-    """A tiny Qwen2.5-Omni thinker directory with head_dim 128 and a processor, as a real checkpoint has."""
-    from ep_kit.data import build_processor
-
-    root = tmp_path_factory.mktemp("standin")
-    config = tiny_thinker_config(hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=128)
-    Qwen2_5OmniThinkerForConditionalGeneration._from_config(config).save_pretrained(str(root))
-    build_processor("tiny").save_pretrained(str(root))
-    return root
-
-
 def test_every_row_has_a_real_and_a_toy_recipe():
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*ROWS, "cs2_ste_10_7b"])
+    evaluation = ["eval_3b", "eval_7b", "eval_benchmarks"]
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*ROWS, "cs2_ste_10_7b", *evaluation])
     assert sorted(p.stem for p in (RECIPES / "toy").glob("*.yaml")) == sorted([*ROWS, "pretrain"])
 
 
@@ -106,7 +92,7 @@ def test_real_recipe_instantiates_on_a_standin_checkpoint(path, standin, tmp_pat
         [
             "--config",
             str(path),
-            f"--model.thinker.init_args.path={standin}",
+            f"--model.thinker.init_args.path={standin.model}",
             "--model.thinker.init_args.dtype=float32",
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
@@ -117,7 +103,7 @@ def test_real_recipe_instantiates_on_a_standin_checkpoint(path, standin, tmp_pat
         run_subcommand=False,
     )
     check_components(cli.model, EXPECTED[path.stem])
-    assert cli.datamodule.processor_source == str(standin)  # linked from model.thinker
+    assert cli.datamodule.processor_source == str(standin.model)  # linked from model.thinker
     assert cli.datamodule.tokenizer.convert_tokens_to_ids("<|VIDEO|>") == cli.model.model.config.video_token_id
 
 
@@ -143,3 +129,46 @@ def check_components(module: EPKitModule, expected) -> None:
     assert module.keep_ratio == pytest.approx(ratio)
     assert not any(p.requires_grad for p in module.model.thinker.model.audio_tower.parameters())
     assert all(p.requires_grad for p in red.layers.parameters())
+
+
+def launch_command(script: Path, paths: Path) -> list[str]:
+    """The ``ep-kit fit ...`` arguments of a launch script, with its shell variables filled in."""
+    import shlex
+
+    text = script.read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if " fit --config " in x)
+    args = shlex.split(line.split(" fit ", 1)[1])
+    values = {"${PATHS}": str(paths), "${MODEL}": "/data/Qwen2.5-Omni-3B"}
+    for key, value in values.items():
+        args = [a.replace(key, value) for a in args]
+    return args
+
+
+@pytest.mark.parametrize("script", sorted((RECIPES / "launch").iterdir()), ids=lambda p: p.name)
+def test_multinode_launch_commands_parse(script, tmp_path):
+    """SLURM and torchrun scripts: their ep-kit command parses with 2 nodes x 4 GPUs, the paper's strategy."""
+    paths = tmp_path / "paths_train.yaml"
+    paths.write_text("data:\n  init_args:\n    source:\n      init_args:\n        train: /data/train.jsonl\n")
+    args = launch_command(script, paths)
+    assert args[:2] == ["--config", "recipes/cs2_ste_20.yaml"]
+    cfg = parse(REPO / args[1], *args[2:])
+    t = cfg.trainer
+    assert (t.num_nodes, int(t.devices), t.strategy) == (2, 4, "deepspeed_stage_2")
+    assert cfg.data.init_args.source.init_args.train == "/data/train.jsonl"
+
+
+def test_fsdp_trainer_base_parses_and_wraps_every_transformer_block():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ep_kit.models.omni import transformer_block_classes
+    from ep_kit.train.strategies import OmniFSDPStrategy
+
+    cfg = parse(RECIPES / "cs2_ste_20.yaml", "--trainer", str(RECIPES / "_base" / "trainer_4gpu_fsdp.yaml"))
+    s = cfg.trainer.strategy
+    assert s.class_path == "ep_kit.train.strategies.OmniFSDPStrategy"
+    strategy = OmniFSDPStrategy(**s.init_args.as_dict())
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    names = {c.__name__ for c in policy._module_classes}
+    assert names == {c.__name__ for c in transformer_block_classes()} >= {"Qwen2_5OmniDecoderLayer"}
+    assert strategy.kwargs["use_orig_params"] is True

@@ -14,6 +14,7 @@ from ep_kit.data.collate import collate_av
 from ep_kit.data.datamodule import (
     AVDataModule,
     BenchmarkSource,
+    BenchmarkSuite,
     DataSource,
     InstructSource,
     MCDataset,
@@ -29,6 +30,7 @@ __all__ = [
     "AVDataModule",
     "AVInputBuilder",
     "BenchmarkSource",
+    "BenchmarkSuite",
     "DataSource",
     "InstructDataset",
     "InstructSource",

@@ -121,6 +121,17 @@ class DataSource:
     def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
         raise NotImplementedError
 
+    def datasets(
+        self, split: Split, encoder_for: Callable[[bool], SampleEncoder], use_audio_in_video: bool
+    ) -> list[tuple[Dataset, bool]]:
+        """Every dataset of ``split``, each with the audio-in-video setting its batches use.
+
+        One by default; an evaluation suite gives one per benchmark, so the video-only benchmarks
+        are fed without their audio track while the audio-visual ones keep it.
+        """
+        ds = self.dataset(split, encoder_for(use_audio_in_video), use_audio_in_video)
+        return [] if ds is None else [(ds, use_audio_in_video)]
+
 
 class SyntheticSource(DataSource):
     """The kit's synthetic audio-visual benchmark (see :class:`SyntheticAVBenchmark`)."""
@@ -170,7 +181,11 @@ class SyntheticSource(DataSource):
 
 
 class InstructSource(DataSource):
-    """ms-swift style jsonl instruction data (training; ``val`` is scored by loss)."""
+    """ms-swift style jsonl instruction data (training; ``val`` is scored by loss, None = no validation).
+
+    It has no test split: evaluate a trained row with an evaluation recipe's benchmark suite
+    (``recipes/eval_benchmarks.yaml``).
+    """
 
     def __init__(self, train: str, val: str | None = None, media_root: str | None = None) -> None:
         self.paths = {"train": train, "val": val, "test": None}
@@ -203,6 +218,18 @@ class BenchmarkSource(DataSource):
         self.limit = limit
         self.report = SkipReport()
 
+    @property
+    def with_audio(self) -> bool:
+        """Whether this benchmark is evaluated with the video's audio track (when the data module feeds audio)."""
+        return self.name in AUDIO_BENCHMARKS
+
+    def datasets(
+        self, split: Split, encoder_for: Callable[[bool], SampleEncoder], use_audio_in_video: bool
+    ) -> list[tuple[Dataset, bool]]:
+        audio = use_audio_in_video and self.with_audio
+        ds = self.dataset(split, encoder_for(audio), audio)
+        return [] if ds is None else [(ds, audio)]
+
     def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
         if split == "train":
             return None
@@ -225,6 +252,43 @@ class BenchmarkSource(DataSource):
         return ds
 
 
+class BenchmarkSuite(DataSource):
+    """Several benchmarks evaluated in one run (``val`` and ``test``), one loader per benchmark.
+
+    Each benchmark keeps its own audio setting (:data:`ep_kit.data.benchmarks.AUDIO_BENCHMARKS`:
+    Video-MME without audio and MLVU are fed frames only), and the metrics report accuracy per
+    benchmark, per category and per main-table group (``acc_group/audio_visual``,
+    ``acc_group/video_only``).
+
+    Args:
+        benchmarks: the benchmarks (each a :class:`BenchmarkSource`); names must be unique.
+    """
+
+    def __init__(self, benchmarks: list[BenchmarkSource]) -> None:
+        if not benchmarks:
+            raise ValueError("BenchmarkSuite.benchmarks is empty: list at least one BenchmarkSource")
+        names = [b.name for b in benchmarks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"BenchmarkSuite.benchmarks names {repeated} more than once")
+        self.benchmarks = list(benchmarks)
+
+    @property
+    def report(self) -> SkipReport:
+        merged = SkipReport()
+        for b in self.benchmarks:
+            merged.skipped += b.report.skipped
+        return merged
+
+    def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
+        raise TypeError("BenchmarkSuite has one dataset per benchmark: use datasets()")
+
+    def datasets(
+        self, split: Split, encoder_for: Callable[[bool], SampleEncoder], use_audio_in_video: bool
+    ) -> list[tuple[Dataset, bool]]:
+        return [pair for b in self.benchmarks for pair in b.datasets(split, encoder_for, use_audio_in_video)]
+
+
 class AVDataModule(L.LightningDataModule):
     """Audio-visual batches for training and multiple-choice evaluation.
 
@@ -239,7 +303,16 @@ class AVDataModule(L.LightningDataModule):
         audio_chunk_seconds: Whisper window of the feature extractor (longer audio is kept whole;
             ``None``: the source's choice, 30 s for real data).
         system_prompt: replaces the chat template's default system turn when set.
-        cache_dir: processed-sample cache (``None``: no cache).
+        cache_dir: processed-sample cache (``None``: no cache; the budget knobs below are part of its key).
+        max_tokens: per-sample token budget (``len(input_ids)``; ``None``: no length control). A sample
+            over it is re-decoded with fewer frames first (down to 2 per video, spread over the whole
+            clip), then ``audio_policy`` applies; the prompt text is never truncated (a prompt that
+            cannot fit raises ``ValueError`` naming the file). See :class:`SampleEncoder`.
+        audio_policy: ``"truncate"`` keeps the first seconds of the audio track that fit (25 tokens per
+            second) and warns naming the file; ``"error"`` raises ``ValueError`` naming the file instead.
+        max_position_embeddings: the model's context (``max_position_embeddings`` of the model
+            directory's config, given as a plain int: the data package reads no model code). A longer
+            sample raises ``ValueError`` naming the file when ``max_tokens`` is set, else warns.
         shuffle_seed: seed of the training shuffle (``None``: the run's seed, ``torch.initial_seed()``,
             which ``seed_everything`` sets). In a single-process run the training loader is a
             :class:`~ep_kit.data.resumable.ResumableDataLoader`, so a run killed mid-epoch and
@@ -264,6 +337,9 @@ class AVDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         cache_dir: str | None = None,
         shuffle_seed: int | None = None,
+        max_tokens: int | None = None,
+        audio_policy: Literal["truncate", "error"] = "truncate",
+        max_position_embeddings: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -285,20 +361,38 @@ class AVDataModule(L.LightningDataModule):
         self.system_prompt = system_prompt
         self.cache_dir = cache_dir
         self.shuffle_seed = shuffle_seed
-        self._encoder: SampleEncoder | None = None
-        self.datasets: dict[str, Dataset | None] = {}
+        self.max_tokens = max_tokens
+        self.audio_policy = audio_policy
+        self.max_position_embeddings = max_position_embeddings
+        self._processor = None
+        self._encoders: dict[bool, SampleEncoder] = {}
+        self.datasets: dict[str, list[tuple[Dataset, bool]]] = {}
+
+    def encoder_for(self, use_audio_in_video: bool) -> SampleEncoder:
+        """The sample encoder that feeds each video's audio track (or not); one processor serves both."""
+        if use_audio_in_video not in self._encoders:
+            if self._processor is None:
+                self._processor = build_processor(
+                    self.processor_source, self.audio_chunk_seconds, self.min_pixels, self.max_pixels
+                )
+            builder = AVInputBuilder(self._processor, use_audio_in_video, self.system_prompt)
+            self._encoders[use_audio_in_video] = SampleEncoder(
+                builder,
+                self.fps,
+                self.min_pixels,
+                self.max_pixels,
+                self.max_frames,
+                self.cache_dir,
+                max_tokens=self.max_tokens,
+                audio_policy=self.audio_policy,
+                max_position_embeddings=self.max_position_embeddings,
+            )
+        return self._encoders[use_audio_in_video]
 
     @property
     def encoder(self) -> SampleEncoder:
-        if self._encoder is None:
-            processor = build_processor(
-                self.processor_source, self.audio_chunk_seconds, self.min_pixels, self.max_pixels
-            )
-            builder = AVInputBuilder(processor, self.use_audio_in_video, self.system_prompt)
-            self._encoder = SampleEncoder(
-                builder, self.fps, self.min_pixels, self.max_pixels, self.max_frames, self.cache_dir
-            )
-        return self._encoder
+        """The encoder of the data module's own audio setting (``use_audio_in_video``)."""
+        return self.encoder_for(self.use_audio_in_video)
 
     @property
     def tokenizer(self):
@@ -320,44 +414,59 @@ class AVDataModule(L.LightningDataModule):
         }.get(stage or "", ("train", "val", "test"))
         for split in splits:
             if split not in self.datasets:
-                self.datasets[split] = self.source.dataset(split, self.encoder, self.use_audio_in_video)
+                self.datasets[split] = self.source.datasets(split, self.encoder_for, self.use_audio_in_video)
         report = self.skip_report
         if report is not None and report.count:
             log.warning("%s", report.summary())  # never skip silently
 
-    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    def _collate(self, use_audio_in_video: bool) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return functools.partial(
             collate_av,
             pad_token_id=int(self.tokenizer.pad_token_id),
-            use_audio_in_video=self.use_audio_in_video,
+            use_audio_in_video=use_audio_in_video,
         )
 
-    def _loader(self, split: Split, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loaders(self, split: Split, shuffle: bool, batch_size: int) -> list[DataLoader]:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        ds = self.datasets.get(split)
-        if ds is None:
-            raise ValueError(f"{type(self.source).__name__} has no {split!r} split")
-        kwargs = {
-            "batch_size": batch_size,
-            "num_workers": self.num_workers,
-            "collate_fn": self._collate(),
-            "persistent_workers": self.num_workers > 0,
-        }
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        if shuffle and not distributed:
-            seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % 2**31
-            return ResumableDataLoader(ds, shuffle=True, seed=seed, **kwargs)
-        return DataLoader(ds, shuffle=shuffle, **kwargs)
+        loaders = []
+        for ds, audio in self.datasets.get(split) or []:
+            kwargs = {
+                "batch_size": batch_size,
+                "num_workers": self.num_workers,
+                "collate_fn": self._collate(audio),
+                "persistent_workers": self.num_workers > 0,
+            }
+            distributed = self.trainer is not None and self.trainer.world_size > 1
+            if shuffle and not distributed:
+                seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % 2**31
+                loaders.append(ResumableDataLoader(ds, shuffle=True, seed=seed, **kwargs))
+            else:
+                loaders.append(DataLoader(ds, shuffle=shuffle, **kwargs))
+        return loaders
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        loaders = self._loaders("train", True, self.batch_size)
+        if len(loaders) != 1:
+            raise ValueError(
+                f"data.source ({type(self.source).__name__}) has {'no' if not loaders else len(loaders)} training "
+                "set(s); training needs exactly one (InstructSource or SyntheticSource)"
+            )
+        return loaders[0]
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loader(s); an empty list (no validation) when the source has no ``val`` split."""
+        loaders = self._loaders("val", False, self.eval_batch_size)
+        return loaders[0] if len(loaders) == 1 else loaders
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = self._loaders("test", False, self.eval_batch_size)
+        if not loaders:
+            raise ValueError(
+                f"data.source ({type(self.source).__name__}) has no 'test' split: evaluate with a benchmark suite, "
+                "e.g. `ep-kit test --config RECIPE --config recipes/eval_benchmarks.yaml` (see README, Real scale)"
+            )
+        return loaders[0] if len(loaders) == 1 else loaders
 
 
 def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
@@ -368,6 +477,7 @@ def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any
 __all__ = [
     "AVDataModule",
     "BenchmarkSource",
+    "BenchmarkSuite",
     "DataSource",
     "InstructSource",
     "MCDataset",

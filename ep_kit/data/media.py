@@ -149,11 +149,13 @@ def load_video(
     max_frames: int = FPS_MAX_FRAMES,
     min_frames: int = FPS_MIN_FRAMES,
     with_audio: bool = False,
+    audio_max_seconds: float | None = None,
 ) -> VideoClip:
     """Sample a video at ``fps`` with Qwen2.5-Omni's rules; optionally load its audio track.
 
     ``with_audio=True`` (audio-in-video) also decodes the audio track and raises ``ValueError``
-    naming the file when the video has none.
+    naming the file when the video has none; ``audio_max_seconds`` keeps (and decodes) only its
+    first seconds (see :func:`load_audio`).
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -180,7 +182,7 @@ def load_video(
         frames = np.stack([kept[i] for i in idx])
     tensor = resize_frames(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), min_pixels, max_pixels)
     realised_fps = len(idx) / total * video_fps
-    audio = load_audio(p) if with_audio else None
+    audio = load_audio(p, max_seconds=audio_max_seconds) if with_audio else None
     return VideoClip(frames=tensor, fps=realised_fps, path=str(p), audio=audio)
 
 
@@ -200,26 +202,65 @@ def has_audio_stream(path: str | Path) -> bool:
         container.close()
 
 
-def load_audio(path: str | Path, sr: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
-    """The first audio stream of a file as mono float32 at ``sr`` Hz (PyAV's resampler)."""
+def audio_duration(path: str | Path) -> float | None:
+    """Seconds of the first audio stream from the container metadata (``None`` if it has none).
+
+    Why metadata: a budgeted decode stops early, yet its warning must still say how long the
+    track really was.
+    """
+    p = _check_exists(path, "media")
+    container = _open(p, "media")
+    try:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+        return container.duration / av.time_base if container.duration is not None else None
+    finally:
+        container.close()
+
+
+def load_audio(path: str | Path, sr: int = AUDIO_SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """The first audio stream of a file as mono float32 at ``sr`` Hz (PyAV's resampler).
+
+    ``max_seconds`` keeps only the first ``round(max_seconds * sr)`` samples and stops decoding as
+    soon as they are in hand, so a token budget that keeps 30 s of a 60-minute track decodes about
+    30 s, not 60 minutes. ``None`` decodes the whole track.
+    """
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds} (audio file {path})")
+    limit = None if max_seconds is None else int(round(max_seconds * sr))
     p = _check_exists(path, "audio")
     container = _open(p, "audio")
     try:
         if not container.streams.audio:
             raise ValueError(f"media file {p} has no audio stream (needed for audio / use_audio_in_video)")
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
-        chunks: list[np.ndarray] = []
         try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+            chunks = _decode_audio(container, container.streams.audio[0], sr, limit)
         except av.FFmpegError as err:
             raise ValueError(f"cannot decode audio of {p} (corrupt?): {err}") from err
     finally:
         container.close()
     if not chunks:
         raise ValueError(f"audio stream of {p} decoded to no samples")
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    wave = np.concatenate(chunks).astype(np.float32, copy=False)
+    return wave if limit is None else wave[:limit]
+
+
+def _decode_audio(
+    container: av.container.InputContainer, stream: av.AudioStream, sr: int, limit: int | None
+) -> list[np.ndarray]:
+    """Resampled mono chunks of ``stream``; stops once ``limit`` samples are decoded (all when None)."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+    chunks: list[np.ndarray] = []
+    total = 0
+    for frame in container.decode(stream):
+        for out in resampler.resample(frame):
+            chunks.append(out.to_ndarray().reshape(-1))
+            total += chunks[-1].size
+        if limit is not None and total >= limit:
+            return chunks
+    for out in resampler.resample(None):
+        chunks.append(out.to_ndarray().reshape(-1))
+    return chunks

@@ -12,20 +12,24 @@ and its ``get_rope_index`` expect. This module only adds what the processor does
   ``labels`` (assistant turns only, -100 elsewhere) and ``answer_mask``. Audio features are trimmed
   to their real length (padding carries no information: the audio tower drops it through
   ``feature_attention_mask``); :func:`ep_kit.data.collate.collate_av` pads a batch back.
-* :class:`SampleEncoder` decodes the media files of one conversation and caches the encoded
-  sample on disk, keyed by files and knobs.
+* :class:`SampleEncoder` decodes the media files of one conversation, keeps the encoded sample
+  within an optional token budget (fewer frames first, then an audio policy; text is never cut)
+  and caches it on disk, keyed by files and knobs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,9 +44,11 @@ from transformers import (
 
 from ep_kit.data.media import (
     AUDIO_SAMPLE_RATE,
+    TEMPORAL_PATCH,
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     VideoClip,
+    audio_duration,
     load_audio,
     load_video,
 )
@@ -50,6 +56,8 @@ from ep_kit.data.tokenizer import build_tiny_tokenizer
 
 IGNORE_INDEX = -100
 MEDIA_TAG = re.compile(r"<(video|audio|image)>")
+AudioPolicy = Literal["truncate", "error"]
+log = logging.getLogger(__name__)
 
 
 def _feature_extractor(
@@ -300,18 +308,75 @@ class AVInputBuilder:
         return torch.tensor(labels, dtype=torch.long)
 
 
+def audio_token_count(
+    num_samples: int, hop_length: int = 160, window_samples: int = 30 * AUDIO_SAMPLE_RATE
+) -> int:
+    """LLM audio tokens the processor gives ``num_samples`` of 16 kHz audio (25 per second).
+
+    Mel frames are what the Whisper extractor's ``feature_attention_mask`` sums to: ``ceil(n / hop)``
+    inside its padded window of ``window_samples``, ``n // hop`` beyond it (longer audio is kept
+    whole). Tokens follow transformers' ``_get_feat_extract_output_lengths`` (the audio encoder's two
+    stride-2 stages, as :func:`ep_kit.models.tiny.audio_token_count`), repeated here because the data
+    package imports no model code. ``4 * hop`` samples (40 ms) are exactly one token.
+    """
+    mel = -(-num_samples // hop_length) if num_samples <= window_samples else num_samples // hop_length
+    after_cnn = (mel - 1) // 2 + 1
+    return (after_cnn - 2) // 2 + 1
+
+
+def _share(counts: Sequence[int], room: int) -> list[int]:
+    """Per-track token caps: the largest common cap ``c`` with ``sum(min(t, c)) <= room``.
+
+    Why a common cap: with several audio tracks the longest are cut first and short ones stay whole.
+    """
+    lo, hi = 0, max(counts, default=0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(t, mid) for t in counts) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return [min(t, lo) for t in counts]
+
+
+def _names(files: Sequence[str]) -> str:
+    return ", ".join(dict.fromkeys(files)) or "text-only sample"
+
+
 class SampleEncoder:
-    """Media files + conversation -> one sample of model inputs, cached on disk.
+    """Media files + conversation -> one sample of model inputs, cached on disk, within a token budget.
 
     Why a cache: decoding video, resampling audio and extracting mel features dominate data time
     and give the same tensors every epoch and every ablation row. The cache key hashes the media
     files (path, size, mtime), the conversation and every knob that changes the tensors (fps,
-    pixel bounds, frame cap, audio-in-video, tokenizer, system prompt, prompt/answer mode).
+    pixel bounds, frame cap, token budget, audio policy, audio-in-video, tokenizer, system prompt,
+    prompt/answer mode).
+
+    Why a budget: a long clip (a 30-minute Video-MME video) with its full audio track (25 tokens per
+    second: 45,000 tokens) silently overflows the model context. With ``max_tokens`` set, a sample
+    (``len(input_ids)``) that does not fit is shrunk in this order:
+
+    1. fewer frames: re-decoded with a frame cap computed from the measured video tokens per frame,
+       down to 2 frames (one temporal patch) per video; frames stay spread over the whole clip;
+    2. the audio policy, only when audio is still the problem: ``"truncate"`` keeps the first seconds
+       of each audio track that fit (40 ms steps, longest tracks cut first) and warns naming the file,
+       the seconds before and after, the frame count and the final length; ``"error"`` raises.
+
+    The video is not cut with its audio: the processor (and the model's ``get_rope_index``) interleave
+    audio and video by 2-second chunks of their own timestamps and simply continue with video-only
+    chunks once the audio ends, so a truncated track keeps its true timing while the frames still
+    cover the whole clip. The prompt text is never truncated: a sample whose text and minimum media do
+    not fit raises ``ValueError``. A fitting sample is encoded once and is identical to an unbudgeted
+    one (only audio beyond ``max_tokens + 1`` tokens is left undecoded, and such a track never fits).
 
     Args:
         builder: turns decoded media into inputs (holds the processor and chat settings).
         fps / min_pixels / max_pixels / max_frames: frame sampling (see :func:`load_video`).
         cache_dir: where encoded samples are stored (``None``: no cache).
+        max_tokens: per-sample token budget (``None``: no length control).
+        audio_policy: what to do when audio alone keeps a sample over ``max_tokens`` (see above).
+        max_position_embeddings: the model's context; a longer sample raises ``ValueError`` when
+            ``max_tokens`` is set (the budget is above the model limit), else warns.
     """
 
     def __init__(
@@ -322,23 +387,39 @@ class SampleEncoder:
         max_pixels: int = VIDEO_MAX_PIXELS,
         max_frames: int = 768,
         cache_dir: str | Path | None = None,
+        max_tokens: int | None = None,
+        audio_policy: AudioPolicy = "truncate",
+        max_position_embeddings: int | None = None,
     ) -> None:
+        for name, value in (("max_tokens", max_tokens), ("max_position_embeddings", max_position_embeddings)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if audio_policy not in ("truncate", "error"):
+            raise ValueError(f"audio_policy must be 'truncate' or 'error', got {audio_policy!r}")
         self.builder = builder
         self.fps = fps
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.max_frames = max_frames
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.max_tokens = max_tokens
+        self.audio_policy = audio_policy
+        self.max_position_embeddings = max_position_embeddings
+        extractor = builder.processor.feature_extractor
+        self._hop, self._window = int(extractor.hop_length), int(extractor.n_samples)
         tok = builder.tokenizer
         self._knobs = {
             "fps": fps,
             "min_pixels": min_pixels,
             "max_pixels": max_pixels,
             "max_frames": max_frames,
+            "max_tokens": max_tokens,
+            "audio_policy": audio_policy,
+            "max_position_embeddings": max_position_embeddings,
             "use_audio_in_video": builder.use_audio_in_video,
             "system_prompt": builder.system_prompt,
             "tokenizer": [type(tok).__name__, len(tok), tok.name_or_path, builder.template],
-            "whisper_window": builder.processor.feature_extractor.chunk_length,
+            "whisper_window": extractor.chunk_length,
             "version": 1,
         }
 
@@ -366,20 +447,11 @@ class SampleEncoder:
             key = self.key(messages, videos, audios, add_generation_prompt)
             path = self.cache_dir / key[:2] / f"{key}.pt"
             if path.is_file():
-                return torch.load(path, weights_only=True)
-        clips = [
-            load_video(
-                v,
-                fps=self.fps,
-                min_pixels=self.min_pixels,
-                max_pixels=self.max_pixels,
-                max_frames=self.max_frames,
-                with_audio=self.builder.use_audio_in_video,
-            )
-            for v in videos
-        ]
-        waves = [load_audio(a) for a in audios]
-        sample = self.builder.encode(messages, clips, waves, add_generation_prompt=add_generation_prompt)
+                sample = torch.load(path, weights_only=True)
+                self._check_positions(sample, [*videos, *audios])
+                return sample
+        sample = self._encode_media(messages, videos, audios, add_generation_prompt)
+        self._check_positions(sample, [*videos, *audios])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -387,3 +459,167 @@ class SampleEncoder:
             torch.save(sample, tmp)
             os.replace(tmp, path)
         return sample
+
+    # ------------------------------------------------------------------ token budget
+    def _encode_media(
+        self, messages: Sequence[dict[str, Any]], videos: list[str], audios: list[str], prompt: bool
+    ) -> dict[str, Tensor]:
+        """Decode and encode once; over ``max_tokens``: fewer frames first, then the audio policy."""
+
+        def build(clips: list[VideoClip], waves: list[np.ndarray]) -> dict[str, Tensor]:
+            return self.builder.encode(messages, clips, waves, add_generation_prompt=prompt)
+
+        seconds = self._audio_cap_seconds()
+        clips = [self._load_clip(v, self.max_frames, seconds) for v in videos]
+        waves = [load_audio(a, max_seconds=seconds) for a in audios]
+        sample = build(clips, waves)
+        if self._fits(sample):
+            return sample
+        clips, sample = self._fewer_frames(clips, waves, sample, build)
+        if self._fits(sample):
+            return sample
+        return self._apply_audio_policy(clips, waves, audios, sample, build)
+
+    def _audio_cap_seconds(self) -> float | None:
+        """Audio worth ``max_tokens + 1`` tokens: a longer track cannot fit, so no more is decoded."""
+        if self.max_tokens is None:
+            return None
+        return (self.max_tokens + 1) * 4 * self._hop / AUDIO_SAMPLE_RATE
+
+    def _fits(self, sample: dict[str, Tensor]) -> bool:
+        return self.max_tokens is None or len(sample["input_ids"]) <= self.max_tokens
+
+    def _count(self, sample: dict[str, Tensor], token_id: int) -> int:
+        return int((sample["input_ids"] == token_id).sum())
+
+    def _load_clip(
+        self, path: str, max_frames: int, audio_seconds: float | None, with_audio: bool = True
+    ) -> VideoClip:
+        return load_video(
+            path,
+            fps=self.fps,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            max_frames=max_frames,
+            with_audio=self.builder.use_audio_in_video and with_audio,
+            audio_max_seconds=audio_seconds,
+        )
+
+    def _fewer_frames(
+        self, clips: list[VideoClip], waves: list[np.ndarray], sample: dict[str, Tensor], build: Callable
+    ) -> tuple[list[VideoClip], dict[str, Tensor]]:
+        """Re-decode with a smaller frame cap until the sample fits or every video is at 2 frames.
+
+        Audio tracks already decoded are reused: only the frames change.
+        """
+        cap = max((clip.num_frames for clip in clips), default=0)
+        while cap > TEMPORAL_PATCH and not self._fits(sample):
+            cap = self._frame_cap(sample, cap)
+            clips = [self._fewer(clip, cap) for clip in clips]
+            sample = build(clips, waves)
+            log.info(
+                "%s: frame cap %d to fit max_tokens=%d",
+                _names([str(c.path) for c in clips]),
+                cap,
+                self.max_tokens,
+            )
+        return clips, sample
+
+    def _frame_cap(self, sample: dict[str, Tensor], cap: int) -> int:
+        """The largest even frame cap whose video tokens (measured per frame at ``cap``) fit the room left."""
+        n_video = self._count(sample, self.builder.processor.video_token_id)
+        room = self.max_tokens - (len(sample["input_ids"]) - n_video)
+        wanted = room * cap // n_video if n_video else 0
+        wanted = wanted // TEMPORAL_PATCH * TEMPORAL_PATCH
+        return max(TEMPORAL_PATCH, min(wanted, cap - TEMPORAL_PATCH))
+
+    def _fewer(self, clip: VideoClip, cap: int) -> VideoClip:
+        if clip.num_frames <= cap:
+            return clip
+        fewer = self._load_clip(str(clip.path), cap, None, with_audio=False)
+        return dataclasses.replace(fewer, audio=clip.audio)
+
+    def _apply_audio_policy(
+        self,
+        clips: list[VideoClip],
+        waves: list[np.ndarray],
+        audio_paths: list[str],
+        sample: dict[str, Tensor],
+        build: Callable,
+    ) -> dict[str, Tensor]:
+        """At the minimum frame count and still over budget: cut audio (``truncate``) or raise (``error``)."""
+        in_video = [i for i, clip in enumerate(clips) if clip.audio is not None]
+        tracks = [(str(clips[i].path), clips[i].audio) for i in in_video]
+        tracks += list(zip(audio_paths, waves, strict=True))
+        fixed = len(sample["input_ids"]) - self._count(sample, self.builder.processor.audio_token_id)
+        files = _names([str(clip.path) for clip in clips] + audio_paths)
+        frames = [clip.num_frames for clip in clips]
+        self._refuse(tracks, files, frames, len(sample["input_ids"]), fixed)
+        keep = _share([self._tokens(a) for _, a in tracks], self.max_tokens - fixed)
+        # 4 mel hops (640 samples, 40 ms) are exactly one token; a track that fits whole stays whole.
+        cut = [
+            a[: k * 4 * self._hop] if k < self._tokens(a) else a
+            for (_, a), k in zip(tracks, keep, strict=True)
+        ]
+        clips = list(clips)
+        for i, audio in zip(in_video, cut, strict=False):
+            clips[i] = dataclasses.replace(clips[i], audio=audio)
+        sample = build(clips, cut[len(in_video) :])
+        length = len(sample["input_ids"])
+        self._warn_cut(tracks, cut, frames, length)
+        if not self._fits(sample):  # the arithmetic above mirrors the processor: never overflow silently
+            raise ValueError(f"{files}: {length} tokens after cutting audio > max_tokens={self.max_tokens}")
+        return sample
+
+    def _refuse(
+        self, tracks: list[tuple[str, np.ndarray]], files: str, frames: list[int], length: int, fixed: int
+    ) -> None:
+        """Raise when the text cannot fit even with minimal media, or when ``audio_policy="error"``.
+
+        ``fixed`` is every non-audio token (text and video at its minimum); one 40 ms token per
+        audio track is the least audio the processor can still encode.
+        """
+        if fixed + len(tracks) > self.max_tokens:
+            raise ValueError(
+                f"{files}: the prompt text with the minimum media ({frames} frames, 40 ms of audio per "
+                f"track) needs {fixed + len(tracks)} tokens > max_tokens={self.max_tokens}; text is never "
+                "truncated: shorten the prompt or raise max_tokens"
+            )
+        if self.audio_policy == "error":
+            seconds = ", ".join(f"{p}: {self._full_seconds(p, a):.2f} s" for p, a in tracks)
+            raise ValueError(
+                f"{files}: {length} tokens > max_tokens={self.max_tokens} with {frames} frames because of "
+                f"{length - fixed} audio tokens (audio {seconds}); raise max_tokens, set "
+                "audio_policy='truncate', or turn off use_audio_in_video"
+            )
+
+    def _tokens(self, audio: np.ndarray) -> int:
+        return audio_token_count(len(audio), self._hop, self._window)
+
+    @staticmethod
+    def _full_seconds(path: str, audio: np.ndarray) -> float:
+        """A track's full length from its file's metadata (a budgeted decode stops early)."""
+        seconds = audio_duration(path) if Path(path).is_file() else None
+        return seconds if seconds is not None else len(audio) / AUDIO_SAMPLE_RATE
+
+    def _warn_cut(
+        self, tracks: list[tuple[str, np.ndarray]], cut: list[np.ndarray], frames: list[int], length: int
+    ) -> None:
+        for (path, before), after in zip(tracks, cut, strict=True):
+            if len(after) < len(before):
+                warnings.warn(
+                    f"{path}: audio cut from {self._full_seconds(path, before):.2f} s to its first "
+                    f"{len(after) / AUDIO_SAMPLE_RATE:.2f} s to fit max_tokens={self.max_tokens} "
+                    f"(audio_policy='truncate'); video frames {frames}; sample {length} tokens",
+                    stacklevel=5,
+                )
+
+    def _check_positions(self, sample: dict[str, Tensor], files: list[str]) -> None:
+        """A sample longer than the model context: an error under a budget (set above it), else a warning."""
+        limit, length = self.max_position_embeddings, len(sample["input_ids"])
+        if limit is None or length <= limit:
+            return
+        msg = f"{_names(files)}: sample of {length} tokens is longer than max_position_embeddings={limit}"
+        if self.max_tokens is not None:
+            raise ValueError(f"{msg}; max_tokens={self.max_tokens} is above the model limit: lower it")
+        warnings.warn(f"{msg}; set max_tokens to bound sample length", stacklevel=3)

@@ -72,16 +72,18 @@ def byte_symbols() -> list[str]:
     return symbols
 
 
-def build_tiny_tokenizer(save_dir: str | Path | None = None) -> Qwen2Tokenizer:
-    """A ``Qwen2Tokenizer``: byte ``b`` -> id ``b``, special tokens at ``TINY_SPECIAL_TOKENS`` ids.
+def build_byte_tokenizer(special_tokens: dict[str, int], save_dir: str | Path | None = None) -> Qwen2Tokenizer:
+    """A ``Qwen2Tokenizer`` over 256 byte symbols (byte ``b`` -> id ``b``) plus ``special_tokens`` at their ids.
 
-    ``eos`` is ``<|im_end|>`` and ``pad`` is ``<|endoftext|>`` as in the released checkpoints. When
-    ``save_dir`` is given the tokenizer is also saved there (``from_pretrained`` round-trips it).
+    ``eos`` is ``<|im_end|>`` and ``pad`` is ``<|endoftext|>`` as in the released checkpoints. With
+    the released table (:data:`ep_kit.tokens.QWEN_OMNI_SPECIAL_TOKENS`) the special ids are the real
+    ones, so a stand-in checkpoint's embedding rows line up with a real model's. When ``save_dir``
+    is given the tokenizer is also saved there (``from_pretrained`` round-trips it).
     """
     vocab = {symbol: i for i, symbol in enumerate(byte_symbols())}
-    for token, idx in TINY_SPECIAL_TOKENS.items():
+    for token, idx in special_tokens.items():
         if idx < 256:
-            raise ValueError(f"tiny special token {token} has id {idx} inside the byte range")
+            raise ValueError(f"special token {token} has id {idx} inside the byte range")
         vocab[token] = idx
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
@@ -89,14 +91,19 @@ def build_tiny_tokenizer(save_dir: str | Path | None = None) -> Qwen2Tokenizer:
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=list(TINY_SPECIAL_TOKENS),
+        extra_special_tokens=list(special_tokens),
         chat_template=CHAT_TEMPLATE,
         **MEDIA_TOKEN_ATTRIBUTES,
     )
-    for token, idx in TINY_SPECIAL_TOKENS.items():
+    for token, idx in special_tokens.items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != idx:  # would mean transformers re-numbered an added token: never silently
-            raise RuntimeError(f"tiny tokenizer put {token} at id {got}, expected {idx}")
+            raise RuntimeError(f"byte tokenizer put {token} at id {got}, expected {idx}")
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer
+
+
+def build_tiny_tokenizer(save_dir: str | Path | None = None) -> Qwen2Tokenizer:
+    """The kit's tiny vocabulary: bytes, then the special tokens at ``TINY_SPECIAL_TOKENS`` ids."""
+    return build_byte_tokenizer(TINY_SPECIAL_TOKENS, save_dir)

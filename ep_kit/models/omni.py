@@ -54,6 +54,14 @@ from ep_kit.sequence import Modality, TokenSequence
 from ep_kit.tokens import QWEN_OMNI_SPECIAL_TOKENS, TINY_SPECIAL_TOKENS
 
 SUPPORTED_ATTN = ("sdpa", "eager", "flash_attention_2")
+
+
+def transformer_block_classes() -> set[type[nn.Module]]:
+    """The repeated blocks of a Qwen2.5-Omni thinker (decoder layers, the sieve's copies of them,
+    vision and audio encoder blocks): the units distributed strategies shard and checkpoint."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
+
+    return {omni.Qwen2_5OmniDecoderLayer, omni.Qwen2_5OmniVisionBlock, omni.Qwen2_5OmniAudioEncoderLayer}
 CANDIDATE_NAMES: dict[str, Modality] = {"video": Modality.VIDEO, "audio": Modality.AUDIO}
 THINKER_MODEL_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from ep_kit.data.benchmarks import BENCHMARK_GROUPS
+
 #: bytes per encoded name (longer names are cut and suffixed with a checksum, so they stay unique).
 NAME_BYTES = 128
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -51,7 +53,10 @@ class MultipleChoiceAccuracy(Metric):
 
     ``update(predicted, target, benchmarks, categories, question_ids, num_options)``; :meth:`compute`
     returns ``{"acc": ..., "acc_macro": mean over benchmarks, "chance": mean 1/n_options,
-    "count": ..., "acc/<benchmark>": ..., "acc/<benchmark>/<category>": ...}``.
+    "count": ..., "acc/<benchmark>": ..., "acc/<benchmark>/<category>": ...,
+    "acc_group/<group>": ...}``; groups are :data:`ep_kit.data.benchmarks.BENCHMARK_GROUPS` (the
+    paper's audio-visual and video-only averages) with ``acc_group/<group>/benchmarks`` saying how
+    many of the group's benchmarks were evaluated.
     """
 
     full_state_update = False
@@ -129,6 +134,11 @@ class MultipleChoiceAccuracy(Metric):
             out[f"acc/{bench}"] = acc
             bench_accs.append(acc)
         out["acc_macro"] = torch.stack(bench_accs).mean()
+        for group, members in BENCHMARK_GROUPS.items():
+            present = [out[f"acc/{b}"] for b in members if f"acc/{b}" in out]
+            if present:  # the mean over the group's benchmarks that were evaluated
+                out[f"acc_group/{group}"] = torch.stack(present).mean()
+                out[f"acc_group/{group}/benchmarks"] = torch.tensor(float(len(present)), device=correct.device)
         for key, members in sorted(per_cat.items()):
             out[f"acc/{key}"] = correct[members].mean()
         return out

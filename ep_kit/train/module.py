@@ -16,7 +16,9 @@ budget that runs (and the realised one is logged).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +74,21 @@ def metadata_lists(batch: Mapping[str, Any], size: int) -> dict[str, list[str]]:
             raise ValueError(f"evaluation batch lacks '{key}' for some of its {size} samples")
         out[key] = [str(v) for v in values]
     return out
+
+
+def _deepspeed_state_dict(root: Path) -> dict[str, Tensor]:
+    """The full fp32 state dict of a Lightning DeepSpeed checkpoint directory (ZeRO shards gathered)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ImportError(
+            f"model.init_from: {root} is a DeepSpeed checkpoint; reading it needs DeepSpeed: "
+            'pip install "ep-kit[deepspeed]"'
+        )
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "fp32.ckpt"
+        convert_zero_checkpoint_to_fp32_state_dict(str(root), str(out))
+        return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
 
 
 class EPKitModule(LightningModule):
@@ -173,6 +190,9 @@ class EPKitModule(LightningModule):
     def load_weights(self, path: str) -> None:
         """Load ``init_from``: a Lightning checkpoint's ``state_dict`` or a kit weights directory."""
         root = Path(path)
+        if root.is_dir() and (root / "checkpoint").is_dir():
+            state = _deepspeed_state_dict(root)  # a DeepSpeed (ZeRO) checkpoint is a directory
+            return self._load_lightning_state(state, root)
         if root.is_dir():
             from ep_kit.models.checkpoint import KIT_WEIGHTS, load_kit_weights
 
@@ -190,6 +210,9 @@ class EPKitModule(LightningModule):
         state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
         if state is None:
             raise ValueError(f"model.init_from: {root} is not a Lightning checkpoint (no 'state_dict')")
+        self._load_lightning_state(state, root)
+
+    def _load_lightning_state(self, state: Mapping[str, Tensor], root: Path) -> None:
         state = {k: v for k, v in state.items() if k.startswith("model.")}
         result = self.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k.startswith("model.")]
@@ -329,10 +352,12 @@ class EPKitModule(LightningModule):
         )
         self.budget[stage].update(res["stats"])
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    # An evaluation suite gives one loader per benchmark (each with its own audio setting); the
+    # metrics already key every record by benchmark, so the loader index is not needed.
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch)
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("test", batch)
 
     def _log_epoch(self, stage: str) -> dict[str, float]:
@@ -364,6 +389,10 @@ class EPKitModule(LightningModule):
         cats = {k: v for k, v in values.items() if k.startswith(f"{stage}/acc/")}
         if cats:
             print("[ep-kit]   " + "  ".join(f"{k[len(stage) + 5:]}={v:.3f}" for k, v in cats.items()), flush=True)
+        groups = {k: v for k, v in values.items() if k.startswith(f"{stage}/acc_group/") and k.count("/") == 2}
+        if groups:
+            print("[ep-kit]   groups: " + "  ".join(f"{k.rsplit('/', 1)[1]}={v:.3f}" for k, v in groups.items()),
+                  flush=True)
 
     def on_validation_epoch_end(self) -> None:
         self._report("val", self._log_epoch("val"))
@@ -372,7 +401,9 @@ class EPKitModule(LightningModule):
         self._report("test", self._log_epoch("test"))
 
     # ---------------------------------------------------------------- predict
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
         """Per-sample answers: question id, predicted and correct letter, kept tokens."""
         res = self.answer(batch)
         stats = res["stats"]
