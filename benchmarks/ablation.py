@@ -1,16 +1,20 @@
-"""The paper's CS2 ablation table (Daily-Omni, 20% budget), at toy scale, in one command.
+"""The paper's CS2 ablation table (Daily-Omni, 20% budget), in one command, at toy or real scale.
 
     python benchmarks/ablation.py --scale toy [--quick] [--seeds 3]
+    python benchmarks/ablation.py --scale real --paths-train P.yaml --paths-eval E.yaml \
+        [--model DIR] [--trainer T.yaml] [--eval-trainer V.yaml] [--launch "srun ep-kit"]
+    python benchmarks/ablation.py --scale real --standin /tmp/standin --quick   # the same, on CPU
 
-Every row is a recipe under ``recipes/toy/`` (one component swapped per row), trained from the
-cached toy base (built first with ``recipes/toy/pretrain.yaml`` when missing) and evaluated on the
-synthetic benchmark's test split, for each seed, in this process through the ``ep-kit`` CLI
-(``ep_kit.cli.run``). Writes ``ablation_<scale>.md`` (table with mean +- std beside the paper's
-numbers, the command, the commit and which of the paper's pairwise orderings hold), ``.csv`` and a
-bar plot ``.png`` into ``benchmarks/results/``.
-
-Real scale needs a local Qwen2.5-Omni-3B and the paper's data: run each ``recipes/<row>.yaml`` with
-``ep-kit fit`` and ``ep-kit test`` (see the recipes' headers); this script only drives the toy rows.
+Every row is a recipe (one component swapped per row). Toy scale: ``recipes/toy/``, trained from the
+cached toy base and tested on the synthetic benchmark's test split, for each seed, in this process
+(``ep_kit.cli.fit_then_test``). Real scale: ``recipes/<row>.yaml`` is fitted (``ep-kit fit`` with the
+training path overlay and trainer file), then its last checkpoint is tested on every benchmark
+(``recipes/eval_benchmarks.yaml`` with the evaluation path overlay) through
+:class:`ep_kit.runs.RowRunner`: a finished row is never run again, an interrupted fit continues from
+its ``last.ckpt``. Writes ``ablation_<scale>[_quick].md`` (table with the paper's numbers beside it,
+the command, the commit, which of the paper's orderings hold; at real scale each row's commands,
+commit and checkpoint), ``.csv`` and ``.png`` into ``--out`` (default ``runs/tables``: the committed
+results in ``benchmarks/results/`` are only rewritten when you ask for it with ``--out``).
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import argparse
 import csv
 import itertools
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 #: paper order (Table: Daily-Omni, 20% budget) and the paper's accuracies.
@@ -40,15 +44,9 @@ QUICK_BASE = ".cache/ep-kit/toy_base_quick"
 
 
 def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        # The result files this script (re)writes do not make the code "uncommitted".
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"], cwd=REPO, capture_output=True, text=True
-        ).stdout
-        return out.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
+    from ep_kit.runs import git_commit
+
+    return git_commit(REPO)
 
 
 def run_row(recipe: Path, seed: int, quick: bool, base: str | None) -> dict[str, float]:
@@ -86,8 +84,8 @@ def ensure_base(quick: bool) -> str | None:
     return str(root)
 
 
-def ordering_notes(means: dict[str, float]) -> list[str]:
-    """Which pairwise orderings of the paper's rows the toy table reproduces."""
+def ordering_notes(means: dict[str, float], scale: str = "toy") -> list[str]:
+    """Which pairwise orderings of the paper's rows the table reproduces."""
     paper = {r: p for r, _, p in ROWS}
     names = {r: n for r, n, _ in ROWS}
     agree, disagree, tied = [], [], []
@@ -103,7 +101,7 @@ def ordering_notes(means: dict[str, float]) -> list[str]:
     full = "cs2_ste_20"
     total = len(agree) + len(disagree) + len(tied)
     lines = [
-        f"- {len(agree)} of {total} pairwise orderings of the paper hold at toy scale, {len(disagree)} are "
+        f"- {len(agree)} of {total} pairwise orderings of the paper hold at {scale} scale, {len(disagree)} are "
         f"reversed, {len(tied)} are tied."
     ]
     if full in means:
@@ -170,7 +168,82 @@ def write_outputs(out_dir: Path, scale: str, table: list[dict], command: str, el
     return md_path
 
 
-def plot(path: Path, table: list[dict]) -> None:
+def real_rows(rows: list[tuple[str, str, float]], seeds: int, scale: Any) -> list[dict]:
+    """Fit then test every row and seed through the resumable runner; one table entry per row."""
+    from ep_kit.runs import RowSpec
+
+    table = []
+    for recipe, name, paper in rows:
+        path = str(REPO / "recipes" / f"{recipe}.yaml")
+        results = []
+        for seed in range(seeds):
+            seed_arg = f"--seed_everything={seed}"
+            spec = RowSpec(
+                key=f"{recipe}-seed{seed}",
+                fit=["--config", path, "--config", str(scale.paths_train), seed_arg],
+                test=["--config", path, "--config", str(REPO / "recipes" / "eval_benchmarks.yaml"),
+                      "--config", str(scale.paths_eval), seed_arg],
+            )
+            results.append(scale.runner.run(spec))
+            m = results[-1].metrics
+            print(f"[ablation] {recipe} seed {seed}: Daily-Omni {m.get('test/acc/daily_omni', float('nan')):.4f} "
+                  f"(realised keep {m['test/realised_keep_ratio']:.3f}){' (finished before)' if results[-1].resumed else ''}",
+                  flush=True)
+        def mean(key: str, runs: list = results) -> float:
+            return statistics.fmean(r.metrics.get(key, float("nan")) for r in runs)
+
+        accs = [r.metrics.get("test/acc/daily_omni", float("nan")) for r in results]
+        table.append({
+            "recipe": recipe, "name": name, "paper": paper, "accs": accs, "mean": statistics.fmean(accs),
+            "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "keep": mean("test/realised_keep_ratio"),
+            "audio": mean("test/audio_share"), "av": mean("test/acc_group/audio_visual"),
+            "video": mean("test/acc_group/video_only"), "overall": mean("test/acc"), "runs": results,
+        })
+    return table
+
+
+def write_real_outputs(out_dir: Path, table: list[dict], command: str, elapsed: float, quick: bool, source: str) -> Path:
+    """The real-scale table: Daily-Omni beside the paper, the group averages, budgets, and how each row ran."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "ablation_real" + ("_quick" if quick else "")
+    seeds = max(len(r["accs"]) for r in table)
+    with (out_dir / f"{stem}.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "recipe", "paper_daily_omni", "daily_omni_mean", "daily_omni_std", "av_avg", "video_avg",
+                    "overall", "realised_keep_ratio", "audio_share", "seed", "checkpoint", "commit", "commands"])
+        for r in table:
+            for seed, run in enumerate(r["runs"]):
+                w.writerow([r["name"], r["recipe"], r["paper"], f"{r['mean']:.4f}", f"{r['std']:.4f}",
+                            f"{r['av']:.4f}", f"{r['video']:.4f}", f"{r['overall']:.4f}", f"{r['keep']:.4f}",
+                            f"{r['audio']:.4f}", seed, run.checkpoint, run.commit, " && ".join(run.commands)])
+    lines = [
+        "# CS2 ablation at real scale" + (" (quick run: 2 training steps per row)" if quick else ""),
+        "",
+        f"Command: `{command}`  ",
+        f"Commit: `{commit()}`; data: {source}  ",
+        f"Wall time: {elapsed / 60:.1f} min; seeds per row: {seeds}. Daily-Omni accuracy beside the paper's "
+        "(Qwen2.5-Omni-3B, 20% budget); AV / video averages are the main table's groups.",
+        "",
+        "| Row (paper order) | Paper Daily-Omni (%) | Daily-Omni (%) | AV avg (%) | Video avg (%) | Realised keep ratio "
+        "| Audio share of kept |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table:
+        lines.append(f"| {r['name']} | {r['paper']:.2f} | {100 * r['mean']:.1f} +- {100 * r['std']:.1f} | "
+                     f"{100 * r['av']:.1f} | {100 * r['video']:.1f} | {r['keep']:.3f} | {r['audio']:.3f} |")
+    lines += ["", "## Orderings", "", *ordering_notes({r["recipe"]: r["mean"] for r in table}, "real"), "", "## Runs", ""]
+    for r in table:
+        for seed, run in enumerate(r["runs"]):
+            lines.append(f"- **{r['name']}** (seed {seed}, commit `{run.commit}`, {run.seconds / 60:.1f} min, "
+                         f"checkpoint `{run.checkpoint}`)")
+            lines += [f"  - `{c}`" for c in run.commands]
+    md = out_dir / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    plot(out_dir / f"{stem}.png", table, title=f"Real scale ({source}): Daily-Omni, mean +- std over seeds")
+    return md
+
+
+def plot(path: Path, table: list[dict], title: str = "Toy (synthetic benchmark), mean +- std over seeds") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +254,7 @@ def plot(path: Path, table: list[dict]) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     ax1.bar(x, [100 * r["mean"] for r in table], yerr=[100 * r["std"] for r in table], capsize=4, color="tab:blue")
     ax1.axhline(25, color="grey", ls="--", lw=0.8, label="chance")
-    ax1.set_title("Toy (synthetic benchmark), mean +- std over seeds")
+    ax1.set_title(title)
     ax1.set_ylabel("accuracy (%)")
     ax1.legend(fontsize=8)
     ax2.bar(x, [r["paper"] for r in table], color="tab:orange")
@@ -196,14 +269,19 @@ def plot(path: Path, table: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from ep_kit.runs import add_real_scale_arguments, real_scale_from_args
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", choices=["toy"], default="toy", help="only the toy scale runs here")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 short epoch per row, small base")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3, quick 1)")
+    parser.add_argument("--scale", choices=["toy", "real"], default="toy")
+    parser.add_argument("--quick", action="store_true", help="smoke run: toy 1 short epoch per row, small base; "
+                        "real 2 training steps per row")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default: toy 3, quick and real 1)")
     parser.add_argument("--rows", nargs="*", default=None, help="subset of recipe names (default: all, paper order)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "tables",
+                        help="where the table goes (default runs/tables; benchmarks/results holds the recorded ones)")
+    add_real_scale_arguments(parser)
     args = parser.parse_args(argv)
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds = args.seeds if args.seeds is not None else (3 if args.scale == "toy" and not args.quick else 1)
     if seeds < 1:
         parser.error("--seeds must be >= 1")
     rows = [r for r in ROWS if args.rows is None or r[0] in args.rows]
@@ -212,6 +290,13 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {[r[0] for r in ROWS]}")
     command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.time()
+    if args.scale == "real":
+        out = args.out.resolve()
+        scale = real_scale_from_args(args, out / ("ablation_real" + ("_quick" if args.quick else "")), args.quick)
+        table = real_rows(rows, seeds, scale)
+        md = write_real_outputs(out, table, command, time.time() - start, args.quick, scale.source)
+        print(md.read_text())
+        return md
     base = ensure_base(args.quick)
     table = []
     for recipe, name, paper in rows:

@@ -24,19 +24,26 @@ Usage (from the repository root)::
 
     python benchmarks/main_table.py --scale toy
     python benchmarks/main_table.py --scale toy --init-from none --limit 8   # smoke run, random weights
+    python benchmarks/main_table.py --scale real --paths-train P.yaml --paths-eval E.yaml [--trainer T.yaml]
+    python benchmarks/main_table.py --scale real --standin /tmp/standin --quick        # the same, on CPU
 
-Outputs ``benchmarks/results/main_table_<scale>.md`` and ``.csv`` (with the command line). The
-training-free rows need only the pretrained base: at toy scale ``recipes/toy/baselines/base.yaml``
-composes the toy recipes' own ``_base`` files (the toy base is built on first use by
-``recipes/toy/pretrain.yaml``); at real scale pass ``--base`` (an evaluation config naming the 3B
-thinker and the benchmark data). The EchoingPixels row runs the CS2 recipe of each budget
-(``recipes/[toy/]cs2_ste_{pct}.yaml``, as a complete config) with its trained weights
-(``--echoingpixels-ckpt``, ``{pct}`` = 20/10/5, loaded through ``model.init_from``: the budget on
-the command line is the one that runs). At toy scale without ``--echoingpixels-ckpt`` the script
-trains each budget's CS2 recipe itself first (``ep-kit fit``, seed ``--seed``, from the same toy
-base) and tests the result, so the one command gives the whole table. At real scale a missing
-config or checkpoint leaves that row ``n/a`` with the reason in the notes -- never a silently
-different model.
+Outputs ``main_table_<scale>[_quick].md`` and ``.csv`` (with the command line; real scale also a
+``.png``) into ``--out`` (default ``runs/tables``; ``benchmarks/results`` holds the recorded ones).
+
+Toy scale: the training-free rows use ``recipes/toy/baselines/base.yaml`` (the toy base is built on
+first use by ``recipes/toy/pretrain.yaml``); without ``--echoingpixels-ckpt`` the script trains each
+budget's CS2 recipe itself first (``ep-kit fit``, seed ``--seed``, from the same toy base) and tests
+the result, so the one command gives the whole table; a missing config leaves that row ``n/a`` with
+the reason in the notes.
+
+Real scale: every cell is a row of :class:`ep_kit.runs.RowRunner` (its own ``ep-kit`` process, so
+Lightning launches the GPUs as from a shell; a finished cell is never run again, an interrupted fit
+continues from its ``last.ckpt``). Training-free cells test ``recipes/eval_3b.yaml`` (``--base``)
+plus the row overlay with the evaluation path overlay; EchoingPixels cells fit
+``recipes/cs2_ste_{pct}.yaml`` with the training path overlay, then test its ``last.ckpt`` on every
+benchmark (``recipes/eval_benchmarks.yaml``), or only test ``--echoingpixels-ckpt`` weights. The
+benchmark groups come from :data:`ep_kit.data.benchmarks.BENCHMARK_GROUPS`; the paper's numbers
+(:data:`PAPER`) stand beside each cell, with its commands, commit, checkpoint and realised budget.
 """
 
 from __future__ import annotations
@@ -49,12 +56,17 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ep_kit.data.benchmarks import BENCHMARK_GROUPS  # noqa: E402
+from ep_kit.runs import RowResult, RowSpec, add_real_scale_arguments, git_commit, real_scale_from_args  # noqa: E402
 
 SCALES = {
     "toy": {
@@ -65,13 +77,27 @@ SCALES = {
         "video_groups": ["synthetic_av/temporal_order", "synthetic_av/picture_only"],
     },
     "real": {
-        "base": None,
+        "base": "recipes/eval_3b.yaml",
         "rows": "recipes/baselines",
         "echoingpixels": "recipes/cs2_ste_{pct}.yaml",
-        "av_groups": ["worldsense", "daily_omni", "videomme_av"],
-        "video_groups": ["videomme", "mlvu"],
+        # The one definition the readers, the metrics and this table share.
+        "av_groups": list(BENCHMARK_GROUPS["audio_visual"]),
+        "video_groups": list(BENCHMARK_GROUPS["video_only"]),
     },
 }
+#: The paper's main table (3B): WorldSense, Daily-Omni, Video-MME with audio, AV avg, Video-MME,
+#: MLVU, video avg, relative to full (%); None where the paper reports N/A.
+PAPER: dict[tuple[str, int], tuple[float | None, ...]] = {
+    ("Full", 100): (45.4, 59.6, 63.1, 56.1, 60.9, 67.2, 64.1, 100.0),
+    ("IntraModal", 25): (37.4, 46.2, 52.1, 45.2, 51.4, 63.4, 57.4, 84.2),
+    ("FastV", 20): (40.1, 49.9, 51.9, 47.3, 51.8, 56.3, 54.1, 84.6),
+    ("PyramidDrop", 20): (39.1, 53.0, 56.2, 49.4, 53.9, 59.7, 56.8, 88.3),
+    ("OmniZip", 20): (39.5, 50.6, 57.9, 49.3, None, None, None, 87.9),
+    ("EchoingPixels", 20): (45.0, 60.7, 60.7, 55.5, 58.6, 68.3, 63.5, 99.0),
+    ("EchoingPixels", 10): (43.5, 57.6, 58.4, 53.2, 55.4, 67.4, 61.4, 95.2),
+    ("EchoingPixels", 5): (40.9, 52.9, 55.7, 49.8, 54.7, 66.1, 60.4, 91.0),
+}
+PAPER_COLUMNS = ("WSen", "D-Om", "VMME_a", "AV avg", "VMME", "MLVU", "Video avg", "Rel")
 METHODS = ("IntraModal", "FastV", "PyramidDrop", "OmniZip", "Random", "EchoingPixels")
 FILES = {
     "IntraModal": "intramodal",
@@ -208,6 +234,141 @@ def write_outputs(
     return md_path, csv_path
 
 
+# ------------------------------------------------------------------------------ real scale
+REAL_COLUMNS = ("worldsense", "daily_omni", "videomme", "videomme_noaudio", "mlvu")
+
+
+def real_specs(args: Any, scale: Any) -> list[tuple[str, float, RowSpec]]:
+    """(method, ratio, row) of the whole table: Full, the training-free overlays, EchoingPixels (fit + test)."""
+    base = ROOT / (args.base or SCALES["real"]["base"])
+    rows_dir = ROOT / SCALES["real"]["rows"]
+    evaluation = ["--config", str(scale.paths_eval)]
+
+    def overlay(key: str, path: Path) -> RowSpec:
+        return RowSpec(key, test=["--config", str(base), "--config", str(path), *evaluation])
+
+    specs = [("Full", 1.0, overlay("full", rows_dir / "full.yaml"))]
+    for method in args.methods:
+        for r in args.ratios:
+            pct = _pct(r)
+            if method != "EchoingPixels":
+                specs.append((method, r, overlay(f"{FILES[method]}_{pct}", rows_dir / f"{FILES[method]}_{pct}.yaml")))
+                continue
+            recipe = str(ROOT / (args.echoingpixels or SCALES["real"]["echoingpixels"]).format(pct=pct))
+            test = ["--config", recipe, "--config", str(ROOT / "recipes" / "eval_benchmarks.yaml"), *evaluation,
+                    f"--model.keep_ratio={r}"]
+            if args.echoingpixels_ckpt:  # weights trained elsewhere: evaluate only
+                spec = RowSpec(f"echoingpixels_{pct}", test=[*test, f"--model.init_from={args.echoingpixels_ckpt.format(pct=pct)}"])
+            else:
+                fit = ["--config", recipe, "--config", str(scale.paths_train), f"--seed_everything={args.seed}"]
+                spec = RowSpec(f"echoingpixels_{pct}", test=test, fit=fit)
+            specs.append((method, r, spec))
+    return specs
+
+
+def _paper(method: str, ratio: float) -> tuple[float | None, ...] | None:
+    return PAPER.get((method, 100 if method == "Full" else _pct(ratio)))
+
+
+def real_table(done: list[tuple[str, float, RowResult]]) -> list[dict[str, str]]:
+    """One row per cell: accuracy per benchmark and group, relative to Full, the paper's, budgets."""
+    full = next(res.metrics for m, _, res in done if m == "Full")
+
+    def avg(metrics: dict[str, float]) -> float:
+        av, vid = metrics.get("test/acc_group/audio_visual"), metrics.get("test/acc_group/video_only")
+        return float("nan") if av is None or vid is None else (av + vid) / 2
+
+    rows = []
+    for method, ratio, res in done:
+        m = res.metrics
+        paper = _paper(method, ratio)
+        row = {"method": method, "budget": "100%" if method == "Full" else f"{_pct(ratio)}%"}
+        row.update({c: _fmt(m.get(f"test/acc/{c}", float("nan"))) for c in REAL_COLUMNS})
+        row["AV avg"] = _fmt(m.get("test/acc_group/audio_visual", float("nan")))
+        row["Video avg"] = _fmt(m.get("test/acc_group/video_only", float("nan")))
+        row["Rel"] = _fmt(avg(m) / avg(full) if avg(full) else float("nan"))
+        row["paper AV avg"] = "n/a" if not paper or paper[3] is None else f"{paper[3]:.1f}"
+        row["paper Video avg"] = "n/a" if not paper or paper[6] is None else f"{paper[6]:.1f}"
+        row["paper Rel"] = "n/a" if not paper else f"{paper[7]:.1f}"
+        row["realised"] = _fmt(m.get("test/realised_keep_ratio", float("nan")), 3, 1.0)
+        row["layer-avg"] = _fmt(m.get("test/layer_avg_keep_ratio", float("nan")), 3, 1.0)
+        row["n"] = str(int(m.get("test/count", 0)))
+        row["checkpoint"] = res.checkpoint or "-"
+        row["commit"] = res.commit
+        row["commands"] = " && ".join(res.commands)
+        rows.append(row)
+    return rows
+
+
+def plot_real(rows: list[dict[str, str]], path: Path) -> None:
+    """Relative-to-full of each cell beside the paper's, where the paper reports one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def num(x: str) -> float:
+        return float("nan") if x == "n/a" else float(x)
+
+    labels = [f"{r['method']} {r['budget']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 4.5))
+    ax.bar([i - 0.2 for i in x], [num(r["Rel"]) for r in rows], width=0.4, label="this run")
+    ax.bar([i + 0.2 for i in x], [num(r["paper Rel"]) for r in rows], width=0.4, label="paper (3B)")
+    ax.set_ylabel("relative to Full (%)")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_real(args: Any, command: str) -> Path:
+    """Every cell through the resumable runner, then md + csv + png into ``--out``."""
+    start = time.time()
+    out = (ROOT / args.out).resolve()
+    stem = "main_table_real" + ("_quick" if args.quick else "")
+    scale = real_scale_from_args(args, out / stem, args.quick)
+    done = []
+    for method, ratio, spec in real_specs(args, scale):
+        result = scale.runner.run(spec)
+        done.append((method, ratio, result))
+        print(f"[main_table] {method} {_pct(ratio)}%: acc {result.metrics.get('test/acc', float('nan')):.4f}"
+              + (" (finished before)" if result.resumed else ""), flush=True)
+    rows = real_table(done)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"{stem}.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    shown = [c for c in rows[0] if c not in ("checkpoint", "commit", "commands")]
+    lines = [
+        "# Main table (real scale)" + (" -- quick run: 2 training steps per EchoingPixels row" if args.quick else ""),
+        "",
+        f"Command: `{command}`  ",
+        f"Commit: `{git_commit(ROOT)}`; data: {scale.source}; wall time {(time.time() - start) / 60:.1f} min  ",
+        "Accuracy (%) per benchmark (Video-MME with audio = videomme, without = videomme_noaudio); AV avg = "
+        f"mean of {', '.join(BENCHMARK_GROUPS['audio_visual'])}; Video avg = mean of "
+        f"{', '.join(BENCHMARK_GROUPS['video_only'])}; Rel = mean of the two over Full's. Paper columns: "
+        "Qwen2.5-Omni-3B as published (IntraModal at 25% there).",
+        "",
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
+        *["| " + " | ".join(r[c] for c in shown) + " |" for r in rows],
+        "",
+        "## Runs",
+        "",
+    ]
+    for r in rows:
+        lines.append(f"- **{r['method']} {r['budget']}** (commit `{r['commit']}`, checkpoint `{r['checkpoint']}`)")
+        lines += [f"  - `{c}`" for c in r["commands"].split(" && ")]
+    md = out / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    plot_real(rows, out / f"{stem}.png")
+    return md
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="toy")
@@ -224,7 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="toy: number of synthetic test questions (smoke runs)")
     p.add_argument("--av-groups", nargs="+")
     p.add_argument("--video-groups", nargs="+")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="runs/tables",
+                   help="where the table goes (default runs/tables; benchmarks/results holds the recorded ones)")
+    p.add_argument("--quick", action="store_true", help="real: 2 training steps per EchoingPixels row")
+    add_real_scale_arguments(p)
     p.add_argument(
         "--override",
         action="append",
@@ -233,6 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     os.chdir(ROOT)  # the recipes' relative paths (data/, runs/) are relative to the repository root
+    command = "python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/main_table.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    if args.scale == "real":
+        md = run_real(args, command)
+        print(md.read_text())
+        return 0
     scale = SCALES[args.scale]
     if not (args.base or scale["base"]):
         raise ValueError(f"--base: the {args.scale} scale has no default evaluation base; pass one")
@@ -285,9 +456,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cell.note = f"not run: {err}"
             cells.append(cell)
     rows = build_table(cells, full, av_groups, video_groups)
-    command = "python " + " ".join(
-        shlex.quote(a) for a in ["benchmarks/main_table.py", *(argv if argv is not None else sys.argv[1:])]
-    )
     header = (
         f"AV groups: {', '.join(av_groups)}; video-only groups: {', '.join(video_groups)}. "
         "Accuracies in %, relative columns in % of Full. " + " ".join(header_bits)

@@ -51,6 +51,23 @@ def processor_for(thinker: Any) -> str:
     return "tiny"
 
 
+def context_length_for(thinker: Any) -> int | None:
+    """``max_position_embeddings`` of ``model.thinker``'s checkpoint (None: tiny thinker, or no readable config).
+
+    Linked into the data module so a sample longer than the model's context is reported with its file.
+    """
+    class_path = getattr(thinker, "class_path", None) or thinker["class_path"]
+    if class_path.rsplit(".", 1)[-1] != "PretrainedThinker":
+        return None
+    from ep_kit.models.omni import read_thinker_config
+
+    try:
+        config = read_thinker_config(processor_for(thinker))
+    except (FileNotFoundError, ValueError):
+        return None  # a placeholder path: the model source reports it when it is built
+    return int(config.text_config.max_position_embeddings)
+
+
 class MissingExtraError(ImportError):
     """An optional extra of ep-kit is needed by the configuration (the message names the pip command)."""
 
@@ -85,11 +102,13 @@ def nested_nulls(args: Sequence[str]) -> list[str]:
 class EPKitCLI(LightningCLI):
     """LightningCLI for :class:`~ep_kit.train.module.EPKitModule` and :class:`~ep_kit.data.AVDataModule`.
 
-    ``data.init_args.processor`` is linked from ``model.thinker`` (set the checkpoint path once).
+    ``data.init_args.processor`` and ``data.init_args.max_position_embeddings`` are linked from
+    ``model.thinker`` (set the checkpoint path once).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.thinker", "data.init_args.processor", compute_fn=processor_for)
+        parser.link_arguments("model.thinker", "data.init_args.max_position_embeddings", compute_fn=context_length_for)
 
     def instantiate_classes(self) -> None:
         """Build the configured objects; first fail early, with the fix, when an optional extra is missing."""
@@ -155,6 +174,9 @@ def _build(args: Sequence[str] | dict | None, run_subcommand: bool) -> EPKitCLI:
         AVDataModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        # A resumed run (fixed logger version, e.g. ep_kit.runs) rewrites its own config.yaml; fresh runs
+        # each get a new version directory, so nothing else is ever overwritten.
+        save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",

@@ -140,6 +140,8 @@ def test_evaluation_recipe_reports_every_benchmark_and_group(recipe, standin, tm
     metrics = callback_metrics(cli)
     check_test_metrics(metrics)
     assert metrics["test/realised_keep_ratio"] == 1.0 and cli.model.model.reducer is None
+    # The context length is linked from the checkpoint's config (32768 for Qwen2.5-Omni); the budget is the recipe's.
+    assert cli.datamodule.max_position_embeddings == 32768 and cli.datamodule.max_tokens == 32768
 
 
 @pytest.mark.slow
@@ -152,3 +154,29 @@ def test_baseline_overlay_runs_on_the_evaluation_base(overlay, standin, tmp_path
     ratio = cli.model.keep_ratio
     if ratio < 1.0:  # the budget is met on the A/V tokens the last decoder layers see
         assert metrics["test/realised_keep_ratio"] <= ratio + 0.05
+
+
+def test_kit_loads_the_full_and_the_thinker_only_directory_alike(standin):
+    """The kit's own loading of both stand-in layouts gives the same thinker (same logits)."""
+    from ep_kit.models import OmniThinker, make_av_batch
+
+    full = OmniThinker.from_pretrained(standin.model, dtype=torch.float32)
+    alone = OmniThinker.from_pretrained(standin.thinker, dtype=torch.float32)
+    batch = make_av_batch(full.config, seed=0)
+    with torch.no_grad():
+        a, b = full(batch).logits, alone(batch).logits
+    assert a.shape[-1] == 151936
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_deepspeed_recipe_without_deepspeed_names_the_extra(standin, monkeypatch, tmp_path):
+    """The paper's ZeRO-2 trainer on a machine without DeepSpeed: one clear error with the pip command."""
+    import importlib.util
+
+    from ep_kit.cli import MissingExtraError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r'pip install "ep-kit\[deepspeed\]".*trainer_4gpu_fsdp'):
+        run(["fit", "--config", str(RECIPES / "cs2_ste_20.yaml"), "--config", str(standin.paths_train),
+             f"--trainer.logger.init_args.save_dir={tmp_path}"])

@@ -104,6 +104,9 @@ def build_processor(
         size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         processor.video_processor.size = size
         processor.image_processor.size = size
+        # Frames arrive already sized within the pixel bounds (ep_kit.data.media): no per-frame cap,
+        # as for the tiny processor (and it silences transformers' per-sample notice about the cap).
+        processor.video_processor.cap_pixels_per_frame = False
         return processor
     tokenizer = build_tiny_tokenizer() if isinstance(source, (str, Path)) else source
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}

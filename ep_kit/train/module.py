@@ -17,6 +17,7 @@ budget that runs (and the realised one is logged).
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -398,7 +399,18 @@ class EPKitModule(LightningModule):
         self._report("val", self._log_epoch("val"))
 
     def on_test_epoch_end(self) -> None:
-        self._report("test", self._log_epoch("test"))
+        values = self._log_epoch("test")
+        self._report("test", values)
+        self._write_metrics(values)
+
+    def _write_metrics(self, values: Mapping[str, float]) -> None:
+        """``test_metrics.json`` in the run's log directory: every test number, for scripts and tables."""
+        log_dir = self.trainer.log_dir
+        if not self.trainer.is_global_zero or log_dir is None or self.trainer.sanity_checking:
+            return
+        path = Path(log_dir) / "test_metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(sorted(values.items())), indent=2))
 
     # ---------------------------------------------------------------- predict
     def predict_step(
