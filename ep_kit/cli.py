@@ -25,13 +25,14 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ep_kit.data import AVDataModule
 from ep_kit.train.callbacks import AnswerWriter
-from ep_kit.train.module import EPKitModule
+from ep_kit.train.module import EPKitModule, read_lightning_checkpoint
 
 #: subcommands that evaluate: a checkpoint's saved hyper-parameters must not override their config.
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -145,7 +146,21 @@ class EPKitCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") in EVAL_SUBCOMMANDS:
             return
+        self._check_ckpt_path()
         super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        """``--ckpt_path``: a Lightning checkpoint file (or a DeepSpeed checkpoint folder), said clearly if not."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        path = config.get("ckpt_path") if config is not None else None
+        if not path or path in ("last", "best", "hpc", "registry"):
+            return
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"--ckpt_path: {root} does not exist")
+        if root.is_file():
+            read_lightning_checkpoint(root, "--ckpt_path")
 
 
 def run(args: Sequence[str] | dict | None = None, run_subcommand: bool = True) -> EPKitCLI:

@@ -33,6 +33,17 @@ class Modality(IntEnum):
 AV_MODALITIES: tuple[Modality, ...] = (Modality.VIDEO, Modality.AUDIO)
 
 
+
+def answer_span(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """True from each row's first labelled token to the end of the row (the last axis).
+
+    Why not just ``labels != ignore_index``: the template's newline after the answer's
+    ``<|im_end|>`` (and any later turn) is unlabelled, yet its position still tells a bidirectional
+    sieve how long the answer is. At inference nothing after the generation point exists, so
+    nothing from the first answer token on may be a key of the sieve.
+    """
+    return (labels != ignore_index).long().cumsum(-1) > 0
+
 @dataclass
 class TokenSequence:
     """A right-padded batch of merged token sequences.

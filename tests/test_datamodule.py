@@ -43,7 +43,11 @@ def test_train_batch_labels_only_on_answer(synth_dm):
         n = int(lengths[b])
         assert batch["input_ids"][b, n - 3 : n].tolist() == [ord(letter), IM_END, ord("\n")]
         assert (batch["input_ids"][b, n:] == TINY_SPECIAL_TOKENS["<|endoftext|>"]).all()
-    assert torch.equal(batch["answer_mask"], batch["labels"] != -100)
+    # The answer mask runs from the letter to the sample's end: letter, <|im_end|> and the newline.
+    expected = torch.zeros_like(batch["answer_mask"])
+    for b, n in enumerate(lengths.tolist()):
+        expected[b, n - 3 : n] = True
+    assert torch.equal(batch["answer_mask"], expected)
     assert batch["use_audio_in_video"] is True
 
 

@@ -147,21 +147,23 @@ def test_sample_under_budget_is_unchanged(builder, clips):
             assert torch.equal(got[key], ref[key]), key
 
 
-def test_fewer_frames_first_when_audio_fits(builder, clips):
-    """40 s at 2 fps: 80 source frames -> 64 kept (the cap) = 64 video tokens, 1000 audio tokens."""
-    ref = _encoder(builder).encode(_messages(), [clips["medium"]], add_generation_prompt=True)
+def test_fewer_frames_first_without_audio(clips):
+    """40 s at 2 fps, frames only: 80 source frames -> 64 kept (the cap) = 64 video tokens; cut to 22 frames."""
+    frames_only = AVInputBuilder(
+        build_processor("tiny", audio_chunk_seconds=30, min_pixels=28 * 28, max_pixels=H * W), use_audio_in_video=False
+    )
+    ref = _encoder(frames_only).encode(_messages(), [clips["medium"]], add_generation_prompt=True)
     assert int(ref["video_grid_thw"][0, 0]) * 2 == 64 and _count(ref, VIDEO_ID) == 32 * PAIR_TOKENS
-    assert _count(ref, AUDIO_ID) == 40 * 25
+    assert _count(ref, AUDIO_ID) == 0
     budget = len(ref["input_ids"]) - 41  # room for 64 - 41 = 23 video tokens -> 22 frames (even)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = _encoder(builder, max_tokens=budget).encode(
+        got = _encoder(frames_only, max_tokens=budget).encode(
             _messages(), [clips["medium"]], add_generation_prompt=True
         )
     frames = 22
     assert int(got["video_grid_thw"][0, 0]) == frames // 2
     assert _count(got, VIDEO_ID) == frames // 2 * PAIR_TOKENS == 22
-    assert _count(got, AUDIO_ID) == 1000 and int(got["feature_attention_mask"].sum()) == 4000
     assert len(got["input_ids"]) == budget - 1
     assert not _audit_cut(caught)
     # The kept frames still span the whole clip: 11 grids of 2 / (22 / 80 * 2) s each = 80 source frames.
@@ -169,7 +171,18 @@ def test_fewer_frames_first_when_audio_fits(builder, clips):
     assert spg == pytest.approx(2 / (frames / 80 * 2.0)) and spg * 11 == pytest.approx(40.0)
 
 
-def test_long_clip_cuts_audio_after_frames(builder, clips):
+def test_frames_first_down_to_half_the_budget_then_audio(builder, clips):
+    """With audio, frames are cut only while the video holds more than half of the room after the text."""
+    text = len(_text_tokens(builder))
+    budget = text + 60  # half the room = 30 video tokens = 30 frames (2 tokens per pair of 28x56 frames)
+    with pytest.warns(UserWarning, match="audio cut"):
+        got = _encoder(builder, max_tokens=budget).encode(_messages(), [clips["long"]], add_generation_prompt=True)
+    assert int(got["video_grid_thw"][0, 0]) == 15 and _count(got, VIDEO_ID) == 30
+    assert _count(got, AUDIO_ID) == 30 and len(got["input_ids"]) == budget
+
+
+def test_long_clip_keeps_its_frames_and_cuts_audio(builder, clips):
+    """A 20-minute clip: its 64 frames (64 tokens) are under half of 600, so only the audio is cut."""
     budget = 600
     with pytest.warns(UserWarning, match="audio cut") as caught:
         got = _encoder(builder, max_tokens=budget).encode(
@@ -177,10 +190,10 @@ def test_long_clip_cuts_audio_after_frames(builder, clips):
         )
     ids = got["input_ids"]
     text = _text_tokens(builder)
-    video = 1 * PAIR_TOKENS  # frames at their minimum: 2 frames, one temporal patch
+    video = 32 * PAIR_TOKENS  # frames at their cap: 64 frames, 32 temporal patches
     audio = budget - len(text) - video  # the rest of the budget, 40 ms (one token) at a time
     assert len(ids) == budget
-    assert int(got["video_grid_thw"][0, 0]) == 1 and _count(got, VIDEO_ID) == video
+    assert int(got["video_grid_thw"][0, 0]) == 32 and _count(got, VIDEO_ID) == video
     assert _count(got, AUDIO_ID) == audio == audio_token_count(audio * 640)
     assert int(got["feature_attention_mask"].sum()) == 4 * audio  # audio * 40 ms of mel at 10 ms
     # The prompt is intact: removing media tokens gives exactly the hand-tokenized chat text.
@@ -194,7 +207,7 @@ def test_long_clip_cuts_audio_after_frames(builder, clips):
     messages = [str(w.message) for w in caught if "audio cut" in str(w.message)]
     assert len(messages) == 1
     assert clips["long"] in messages[0] and "1200.00 s" in messages[0]
-    assert f"{audio / 25:.2f} s" in messages[0] and "[2]" in messages[0] and f"{budget} tokens" in messages[0]
+    assert f"{audio / 25:.2f} s" in messages[0] and "[64]" in messages[0] and f"{budget} tokens" in messages[0]
 
 
 def test_audio_shorter_than_video_interleaves_then_video_only(builder):

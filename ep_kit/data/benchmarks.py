@@ -5,6 +5,15 @@ next-token logits of the option letters, per sample, with per-category accuracy;
 same questions, options and answers the community harnesses use, nothing else. Every reader
 returns :class:`MCSample` rows; a row with a missing field raises ``ValueError`` naming the file and
 row (or, with ``skip_bad=True``, is counted in a :class:`SkipReport` -- never dropped silently).
+``skip_bad`` covers every per-row problem: missing or malformed fields, ``options`` that are not a
+list of 2 to 10 strings, a jsonl line that is not json, a WorldSense video entry that is not an
+object or has no ``task<N>``, and (with ``check_files``) a missing video. Whole-file problems (no
+such file, not UTF-8, a json file that does not parse) always raise.
+
+Question ids must be unique within one read: the accuracy metric keeps one record per
+(benchmark, question id), so a repeated id would silently drop questions from the count. A repeat
+raises ``ValueError`` naming both rows; with ``skip_bad=True`` it is renamed ``<id>#2``, ``<id>#3``,
+... with a warning and listed in :attr:`SkipReport.renamed`.
 
 Formats (public annotation files; media files live under ``media_root``):
 
@@ -25,14 +34,17 @@ Formats (public annotation files; media files live under ``media_root``):
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 LETTERS = "ABCDEFGHIJ"
+MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
 
 HARNESS_INSTRUCTION = (
     "Select the best answer to the following multiple-choice question based on the video{audio}. "
@@ -66,21 +78,33 @@ class MCSample:
 
 @dataclass
 class SkipReport:
-    """Every sample left out of an evaluation, with where and why. Never silent."""
+    """Every sample left out of an evaluation (or training run), with where and why. Never silent.
+
+    ``renamed`` lists samples that were kept under a new question id (a duplicated id with
+    ``skip_bad=True``); they are not skips, so :attr:`count` leaves them out, but :meth:`summary`
+    lists them.
+    """
 
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, where: str, reason: str) -> None:
         self.skipped.append((where, reason))
+
+    def rename(self, where: str, reason: str) -> None:
+        self.renamed.append((where, reason))
 
     @property
     def count(self) -> int:
         return len(self.skipped)
 
     def summary(self) -> str:
-        if not self.skipped:
+        if not self.skipped and not self.renamed:
             return "no samples skipped"
         lines = [f"{self.count} sample(s) skipped:"] + [f"  {w}: {r}" for w, r in self.skipped]
+        if self.renamed:
+            lines += [f"{len(self.renamed)} sample(s) kept under a new question id:"]
+            lines += [f"  {w}: {r}" for w, r in self.renamed]
         return "\n".join(lines)
 
 
@@ -110,8 +134,34 @@ def strip_option_letter(option: str) -> str:
 
 
 # ------------------------------------------------------------------ file reading
-def read_rows(path: str | Path) -> list[Any]:
-    """Rows of a json (list or dict), jsonl or parquet annotation file."""
+@dataclass
+class _Malformed:
+    """Stands in for an unreadable row (``skip_bad``), so it is counted where rows are built.
+
+    Keeping its place keeps the row numbers (and ids derived from them) of the rows after it.
+    """
+
+    reason: str
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{p} line {line}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "re-encode the file as UTF-8"
+        ) from err
+
+
+def read_rows(path: str | Path, skip_bad: bool = False) -> list[Any]:
+    """Rows of a json (list or dict), jsonl or parquet annotation file.
+
+    A jsonl line that is not json raises ``ValueError`` naming the file and line; with
+    ``skip_bad=True`` it is kept as a placeholder row that fails (and is counted) when the reader
+    builds it.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"annotation file not found: {p}")
@@ -123,7 +173,7 @@ def read_rows(path: str | Path) -> list[Any]:
                 f"{p}: reading parquet needs pandas + pyarrow; convert it to json/jsonl"
             ) from err
         return pd.read_parquet(p).to_dict(orient="records")
-    text = p.read_text(encoding="utf-8")
+    text = _read_text(p)
     if p.suffix == ".jsonl":
         rows = []
         for i, line in enumerate(text.splitlines(), start=1):
@@ -131,7 +181,9 @@ def read_rows(path: str | Path) -> list[Any]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{p} line {i}: invalid json: {err}") from err
+                    if not skip_bad:
+                        raise ValueError(f"{p} line {i}: invalid json: {err}") from err
+                    rows.append(_Malformed(f"line {i}: invalid json: {err}"))
         return rows
     try:
         data = json.loads(text)
@@ -141,6 +193,8 @@ def read_rows(path: str | Path) -> list[Any]:
 
 
 def _need(row: Any, keys: Iterable[str], where: str) -> None:
+    if isinstance(row, _Malformed):
+        raise ValueError(f"{where}: {row.reason}")
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
     missing = [
@@ -164,30 +218,69 @@ def _letter(answer: Any, options: list[str], where: str) -> str:
 
 
 def _options(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):  # some dumps store the list as its repr
+    """A list of 2 to 10 option strings (a json or Python list literal, or a parquet array, is accepted).
+
+    Why strict: a dict would silently become its keys, and a stray string its characters, each a
+    wrong question the accuracy would still count.
+    """
+    if isinstance(value, str):  # some dumps store the list as its json text or Python repr
         try:
-            value = json.loads(value.replace("'", '"'))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: options {value!r} are not a list") from err
-    options = [str(o) for o in list(value)]
-    if len(options) < 2:
-        raise ValueError(f"{where}: needs at least 2 options, got {len(options)}")
-    return options
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as err:
+                raise ValueError(f"{where}: options {value!r} are a string, not a list of options") from err
+    if not isinstance(value, (list, tuple)) and hasattr(value, "tolist"):  # parquet list columns: numpy
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"{where}: options must be a list of {MIN_OPTIONS} to {MAX_OPTIONS} strings, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    bad = [f"[{i}] {type(o).__name__}" for i, o in enumerate(value) if not isinstance(o, str)]
+    if bad:
+        raise ValueError(f"{where}: options must be strings; not a string: {', '.join(bad)}")
+    if not MIN_OPTIONS <= len(value) <= MAX_OPTIONS:
+        raise ValueError(
+            f"{where}: options must be a list of {MIN_OPTIONS} to {MAX_OPTIONS} strings "
+            f"(letters {LETTERS[0]}-{LETTERS[-1]}), got {len(value)}"
+        )
+    return list(value)
 
 
 def _collect(
     rows: Iterable[tuple[str, Callable[[], MCSample]]], skip_bad: bool, report: SkipReport | None
 ) -> list[MCSample]:
-    out = []
+    out, first = [], {}
     for where, make in rows:
         try:
-            out.append(make())
+            sample = make()
         except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
             if not skip_bad:
                 raise
             if report is None:
                 raise ValueError(f"skip_bad=True needs a SkipReport to count skips ({where}: {err})") from err
             report.add(where, str(err))
+            continue
+        qid = sample.question_id
+        if qid in first:
+            reason = f"duplicate question_id {qid!r} (first at {first[qid]})"
+            if not skip_bad:
+                raise ValueError(
+                    f"{where}: {reason}; the accuracy counts each question id once, so fix the "
+                    "annotation (or pass skip_bad=True to rename repeats)"
+                )
+            if report is None:
+                raise ValueError(f"skip_bad=True needs a SkipReport to count skips ({where}: {reason})")
+            k = 2
+            while f"{qid}#{k}" in first:
+                k += 1
+            sample.question_id = f"{qid}#{k}"
+            report.rename(where, f"{reason}: kept as {sample.question_id!r}")
+            warnings.warn(f"{where}: {reason}: kept as {sample.question_id!r}", stacklevel=3)
+        first[sample.question_id] = where
+        out.append(sample)
     return out
 
 
@@ -207,7 +300,9 @@ def read_videomme(
     check_files: bool = False,
 ) -> list[MCSample]:
     """Video-MME (``videomme`` with audio, ``videomme_noaudio`` without; same questions)."""
-    rows = read_rows(annotation)
+    rows = read_rows(annotation, skip_bad)
+    if not isinstance(rows, list):
+        raise ValueError(f"{annotation}: expected a json list (or jsonl / parquet rows) of questions")
     name = "videomme" if with_audio else "videomme_noaudio"
 
     def make(i: int, row: dict) -> Callable[[], MCSample]:
@@ -276,7 +371,7 @@ def read_mlvu(
 
     items = []
     for f in files:
-        rows = read_rows(f)
+        rows = read_rows(f, skip_bad)
         if not isinstance(rows, list):
             raise ValueError(f"{f}: expected a json list of questions")
         items += [(f"{f} row {i}", make(f, i, r)) for i, r in enumerate(rows)]
@@ -291,7 +386,7 @@ def read_daily_omni(
     check_files: bool = False,
 ) -> list[MCSample]:
     """Daily-Omni ``qa.json``; videos at ``<media_root>/<video_id>/<video_id>_video.mp4``."""
-    rows = read_rows(annotation)
+    rows = read_rows(annotation, skip_bad)
 
     def make(i: int, row: dict) -> Callable[[], MCSample]:
         where = f"{annotation} row {i}"
@@ -321,21 +416,32 @@ def read_daily_omni(
     return _collect(((f"{annotation} row {i}", make(i, r)) for i, r in enumerate(rows)), skip_bad, report)
 
 
-def _worldsense_rows(data: Any, annotation: str | Path) -> Iterator[tuple[str, str, dict]]:
-    """(where, question id, flat row) for either WorldSense layout."""
+def _worldsense_rows(data: Any, annotation: str | Path) -> Iterator[tuple[str, str, Any]]:
+    """(where, question id, flat row) for either WorldSense layout.
+
+    A malformed video entry yields one :class:`_Malformed` row, so it fails (or, with ``skip_bad``,
+    is counted) where the rows are built instead of ending the whole read.
+    """
     if isinstance(data, list):
         for i, row in enumerate(data):
             qid = str(row.get("index", i)) if isinstance(row, dict) else str(i)
             yield f"{annotation} row {i}", qid, row
     elif isinstance(data, dict):
         for video_id, entry in data.items():
+            where = f"{annotation} video {video_id}"
             if not isinstance(entry, dict):
-                raise ValueError(f"{annotation} video {video_id}: expected an object")
+                yield where, str(video_id), _Malformed(f"expected an object, got {type(entry).__name__}")
+                continue
             tasks = [k for k in entry if re.fullmatch(r"task\d+", k)]
             if not tasks:
-                raise ValueError(f"{annotation} video {video_id}: no task1..taskN questions")
+                yield where, str(video_id), _Malformed("no task1..taskN questions")
+                continue
             for key in sorted(tasks, key=lambda k: int(k[4:])):
-                row = dict(entry[key]) if isinstance(entry[key], dict) else {}
+                if not isinstance(entry[key], dict):
+                    reason = f"expected an object, got {type(entry[key]).__name__}"
+                    yield f"{where} {key}", f"{video_id}-{key}", _Malformed(reason)
+                    continue
+                row = dict(entry[key])
                 row.setdefault("video_path", entry.get("video_path") or f"{video_id}.mp4")
                 row.setdefault("duration", entry.get("duration"))
                 row.setdefault("task_domain", entry.get("domain"))
@@ -352,7 +458,7 @@ def read_worldsense(
     check_files: bool = False,
 ) -> list[MCSample]:
     """WorldSense, harness (flat rows) or original (per-video ``task<N>``) layout."""
-    data = read_rows(annotation)
+    data = read_rows(annotation, skip_bad)
 
     def make(where: str, qid: str, row: dict) -> Callable[[], MCSample]:
         def build() -> MCSample:

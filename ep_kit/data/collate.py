@@ -24,7 +24,7 @@ META_KEYS = ("question_id", "category", "benchmark")
 
 
 def collate_av(
-    samples: Sequence[dict[str, Any]],
+    samples: Sequence[dict[str, Any] | None],
     pad_token_id: int,
     use_audio_in_video: bool = True,
     feature_pad_to: int | None = None,
@@ -38,9 +38,23 @@ def collate_av(
     Evaluation samples may carry ``choice_token_ids`` / ``answer_index`` (stacked, plus a
     ``choice_mask`` of real options) and
     ``question_id`` / ``category`` / ``benchmark`` (kept as lists).
+
+    ``None`` samples (a dataset with ``skip_bad`` that could not decode them, counted in its skip
+    report) are dropped, so the batch is smaller. A batch whose samples are *all* ``None`` raises
+    ``ValueError`` rather than returning an empty marker: every training and evaluation step (and
+    every rank of a distributed run, which must step together) expects real inputs, so an empty
+    batch could only be skipped by code outside the data pipeline. Such a batch means a long run
+    of unreadable files; the dataset's warnings and skip report name them.
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
+    n_given = len(samples)
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        raise ValueError(
+            f"every sample of this batch ({n_given} of {n_given}) was skipped as unreadable (skip_bad): "
+            "see the skip report / warnings naming their files; fix or remove them, or use a larger batch size"
+        )
     lengths = [int(s["input_ids"].shape[0]) for s in samples]
     B, L = len(samples), max(lengths)
     fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "answer_mask": 0}

@@ -35,7 +35,7 @@ from ep_kit.data.benchmarks import (
 )
 from ep_kit.data.collate import collate_av
 from ep_kit.data.instruct import InstructDataset
-from ep_kit.data.media import FPS_MAX_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+from ep_kit.data.media import FPS_MAX_FRAMES, MEDIA_ERRORS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 from ep_kit.data.processor import AVInputBuilder, SampleEncoder, build_processor
 from ep_kit.data.resumable import ResumableDataLoader
 from ep_kit.data.synthetic import SyntheticAVBenchmark
@@ -91,12 +91,16 @@ class MCDataset(Dataset):
         return out
 
     def drop_unreadable(self, report: SkipReport) -> MCDataset:
-        """Encode every sample once (filling the cache); count and drop those whose media fail."""
+        """Encode every sample once (filling the cache); count and drop those whose media fail.
+
+        "Fail" is any of :data:`~ep_kit.data.media.MEDIA_ERRORS` (PyAV errors that are not
+        ``ValueError``, or an unreadable file, included), as for instruction data with ``skip_bad``.
+        """
         kept = []
         for i, s in enumerate(self.samples):
             try:
                 self[i]
-            except (FileNotFoundError, ValueError) as err:
+            except MEDIA_ERRORS as err:
                 report.add(f"{s.benchmark} {s.question_id} ({s.video_path})", str(err))
                 continue
             kept.append(s)
@@ -185,15 +189,53 @@ class InstructSource(DataSource):
 
     It has no test split: evaluate a trained row with an evaluation recipe's benchmark suite
     (``recipes/eval_benchmarks.yaml``).
+
+    Args:
+        train / val: the jsonl files (``val=None``: no validation).
+        media_root: folder relative media paths resolve against (default: each jsonl's folder).
+        skip_bad: count bad rows in :attr:`report` and go on instead of raising: rows with invalid
+            json, a schema error or missing media are left out when the dataset is built, and a
+            sample whose media fail to decode mid-run is dropped from its batch (see
+            :class:`~ep_kit.data.instruct.InstructDataset`). Off by default: a bad row then fails
+            naming the file and line. Why opt-in: a silently smaller training set changes results.
     """
 
-    def __init__(self, train: str, val: str | None = None, media_root: str | None = None) -> None:
+    def __init__(
+        self, train: str, val: str | None = None, media_root: str | None = None, skip_bad: bool = False
+    ) -> None:
         self.paths = {"train": train, "val": val, "test": None}
         self.media_root = media_root
+        self.skip_bad = skip_bad
+        self._datasets: dict[str, InstructDataset] = {}
+
+    @property
+    def report(self) -> SkipReport:
+        """Rows skipped so far over every split built (a fresh merge, in split order)."""
+        merged = SkipReport()
+        for ds in self._datasets.values():
+            merged.skipped += ds.report.skipped
+        return merged
+
+    def skip_summary(self) -> str:
+        """End-of-run text of :attr:`report`: per split, rows kept and skipped, then every skip with its reason.
+
+        Meant for the end of a run (decode-time skips accumulate while it goes on); see
+        :class:`~ep_kit.data.instruct.InstructDataset` for what ``num_workers > 0`` leaves out.
+        """
+        parts = [
+            f"{split}: {ds.annotation}: {ds.report.count} row(s) skipped "
+            f"({len(ds.rows)} passed the build-time checks)"
+            for split, ds in self._datasets.items()
+        ]
+        return "\n".join([*parts, self.report.summary()])
 
     def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
         path = self.paths[split]
-        return None if path is None else InstructDataset(path, encoder, self.media_root)
+        if path is None:
+            return None
+        ds = InstructDataset(path, encoder, self.media_root, skip_bad=self.skip_bad)
+        self._datasets[split] = ds
+        return ds
 
 
 class BenchmarkSource(DataSource):
@@ -278,6 +320,7 @@ class BenchmarkSuite(DataSource):
         merged = SkipReport()
         for b in self.benchmarks:
             merged.skipped += b.report.skipped
+            merged.renamed += b.report.renamed
         return merged
 
     def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
@@ -305,8 +348,8 @@ class AVDataModule(L.LightningDataModule):
         system_prompt: replaces the chat template's default system turn when set.
         cache_dir: processed-sample cache (``None``: no cache; the budget knobs below are part of its key).
         max_tokens: per-sample token budget (``len(input_ids)``; ``None``: no length control). A sample
-            over it is re-decoded with fewer frames first (down to 2 per video, spread over the whole
-            clip), then ``audio_policy`` applies; the prompt text is never truncated (a prompt that
+            over it is re-decoded with fewer frames first (spread over the whole clip; down to 2 per
+            video, or with audio down to half of the room the text leaves), then ``audio_policy`` applies; the prompt text is never truncated (a prompt that
             cannot fit raises ``ValueError`` naming the file). See :class:`SampleEncoder`.
         audio_policy: ``"truncate"`` keeps the first seconds of the audio track that fit (25 tokens per
             second) and warns naming the file; ``"error"`` raises ``ValueError`` naming the file instead.
@@ -314,11 +357,11 @@ class AVDataModule(L.LightningDataModule):
             directory's config, given as a plain int: the data package reads no model code). A longer
             sample raises ``ValueError`` naming the file when ``max_tokens`` is set, else warns.
         shuffle_seed: seed of the training shuffle (``None``: the run's seed, ``torch.initial_seed()``,
-            which ``seed_everything`` sets). In a single-process run the training loader is a
-            :class:`~ep_kit.data.resumable.ResumableDataLoader`, so a run killed mid-epoch and
-            resumed from its last checkpoint replays exactly the remaining batches. Under a
-            distributed strategy Lightning's ``DistributedSampler`` shuffles instead (a resumed run
-            then restarts the interrupted epoch).
+            which ``seed_everything`` sets). The training loader is a
+            :class:`~ep_kit.data.resumable.ResumableDataLoader` sharded across the data-parallel
+            ranks (DDP, DeepSpeed, FSDP alike), so a run killed mid-epoch and resumed from its last
+            checkpoint trains exactly the remaining samples of the epoch, each once; a resume whose
+            dataset size, batch size or world size changed mid-epoch is refused with what changed.
     """
 
     def __init__(
@@ -416,8 +459,15 @@ class AVDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self.source.datasets(split, self.encoder_for, self.use_audio_in_video)
         report = self.skip_report
-        if report is not None and report.count:
+        if report is not None and (report.count or report.renamed):
             log.warning("%s", report.summary())  # never skip silently
+
+    def teardown(self, stage: str) -> None:
+        """At the end of every run: the skip report again, with what was skipped while it ran."""
+        report = self.skip_report
+        if report is not None and (report.count or report.renamed):
+            summary = getattr(self.source, "skip_summary", report.summary)
+            log.warning("%s", summary())
 
     def _collate(self, use_audio_in_video: bool) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return functools.partial(
@@ -437,10 +487,22 @@ class AVDataModule(L.LightningDataModule):
                 "collate_fn": self._collate(audio),
                 "persistent_workers": self.num_workers > 0,
             }
-            distributed = self.trainer is not None and self.trainer.world_size > 1
-            if shuffle and not distributed:
+            if shuffle:
+                # Training: one resumable loader on any number of ranks. It shards the epoch itself and
+                # its sampler is a DistributedSampler, so Lightning (DDP, DeepSpeed, FSDP) keeps it instead
+                # of injecting its own, which would restart an interrupted epoch from the wrong batches.
                 seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % 2**31
-                loaders.append(ResumableDataLoader(ds, shuffle=True, seed=seed, **kwargs))
+                shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+                loaders.append(
+                    ResumableDataLoader(
+                        ds,
+                        shuffle=True,
+                        seed=seed,
+                        num_replicas=int(shard.get("num_replicas") or 1),
+                        rank=int(shard.get("rank") or 0),
+                        **kwargs,
+                    )
+                )
             else:
                 loaders.append(DataLoader(ds, shuffle=shuffle, **kwargs))
         return loaders

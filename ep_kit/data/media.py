@@ -8,12 +8,17 @@ handed to the processor with ``do_sample_frames=False``. The frame-size rule is 
 ``smart_resize`` itself, so the processor never resizes the frames a second time.
 
 Every error names the file: missing, undecodable, no video stream, no audio stream when the
-audio track is required, or too few frames for one temporal patch.
+audio track is required, too few frames for one temporal patch, a frame whose aspect ratio cannot
+be resized within the pixel bounds, or ``max_frames`` below one temporal patch. A file that decodes
+clearly shorter than its container declares (typically an mp4 cut off on disk with its index at the
+start) warns with :class:`TruncatedMediaWarning` naming the file and both durations: the frames and
+audio that do decode are still used, so the warning is the only sign of the loss.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,22 @@ VIDEO_MAX_PIXELS = 768 * 28 * 28
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 AUDIO_SAMPLE_RATE = 16000
+#: What decoding a bad media file raises (missing, unreadable, corrupt, undecodable): the errors a
+#: data set with ``skip_bad`` counts and skips.
+MEDIA_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, av.FFmpegError)
+#: ``smart_resize`` refuses frames whose long side is more than this many times the short side.
+MAX_ASPECT_RATIO = 200
+#: A decoded track shorter than ``1 - SHORT_MEDIA_TOLERANCE`` of its declared duration is reported.
+#: Container metadata and decoders routinely disagree by a frame or an AAC priming block; 10% is
+#: well above that and well below what a file cut off on disk loses.
+SHORT_MEDIA_TOLERANCE = 0.1
+
+
+class TruncatedMediaWarning(UserWarning):
+    """A media file decoded to clearly less than its container declares (truncated or damaged).
+
+    Turn it into an error with ``warnings.filterwarnings("error", category=TruncatedMediaWarning)``.
+    """
 
 
 @dataclass
@@ -95,12 +116,51 @@ def sample_indices(total_frames: int, n: int) -> list[int]:
     return torch.linspace(0, total_frames - 1, n).round().long().tolist()
 
 
-def resize_frames(frames: Tensor, min_pixels: int, max_pixels: int) -> Tensor:
-    """Resize ``(T, 3, H, W)`` uint8 frames to the multiple-of-28 size ``smart_resize`` picks."""
+def frame_size(
+    height: int, width: int, min_pixels: int, max_pixels: int, path: str | Path | None = None
+) -> tuple[int, int]:
+    """``smart_resize``'s multiple-of-28 size for a ``height x width`` frame, or a clear error naming the file.
+
+    Two cases ``smart_resize`` itself gets wrong for a pipeline: an aspect ratio above
+    :data:`MAX_ASPECT_RATIO` (it raises without naming the file), and a frame so elongated that even
+    a 28-pixel short side puts it over ``max_pixels`` (it silently returns a size over the bound, and
+    the processor then resizes those frames a second time, e.g. 28x2000 -> 28x448 -> 28x224 for
+    ``max_pixels=3136``).
+    """
+    name = f"video file {path}" if path is not None else "video frame"
+    if min(height, width) < 1:
+        raise ValueError(f"{name}: frames are {height}x{width} pixels (an empty frame)")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"{name}: frames are {height}x{width} (aspect ratio {ratio:.0f}:1); Qwen2.5-Omni's resizing "
+            f"accepts at most {MAX_ASPECT_RATIO}:1 -- crop or pad the video"
+        )
+    new_h, new_w = smart_resize(height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+    if new_h * new_w > max_pixels and min(new_h, new_w) == PATCH_FACTOR:
+        # (Over the bound with a longer short side is smart_resize rounding an upscale to min_pixels up:
+        # the processor does the same, nothing is resized twice.) The short side cannot go below one patch, so such a frame is only accepted unshrunk: the
+        # smallest max_pixels that works is its rounded size (or the upscaled one, below min_pixels).
+        full = round(height / PATCH_FACTOR) * PATCH_FACTOR * round(width / PATCH_FACTOR) * PATCH_FACTOR
+        need = full if full >= min_pixels else new_h * new_w
+        raise ValueError(
+            f"{name}: frames of {height}x{width} (aspect ratio {ratio:.1f}:1) cannot be resized within "
+            f"max_pixels={max_pixels} with both sides multiples of {PATCH_FACTOR} (the short side stops at "
+            f"{PATCH_FACTOR}: {new_h}x{new_w} = {new_h * new_w} pixels); raise max_pixels to at least {need} "
+            "or crop the video"
+        )
+    return new_h, new_w
+
+
+def resize_frames(
+    frames: Tensor, min_pixels: int, max_pixels: int, path: str | Path | None = None
+) -> Tensor:
+    """Resize ``(T, 3, H, W)`` uint8 frames to the multiple-of-28 size ``smart_resize`` picks.
+
+    ``path`` only names the file in errors (see :func:`frame_size`).
+    """
     height, width = frames.shape[-2:]
-    new_h, new_w = smart_resize(
-        height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels
-    )
+    new_h, new_w = frame_size(int(height), int(width), min_pixels, max_pixels, path)
     if (new_h, new_w) == (height, width):
         return frames
     return tvF.resize(frames, [new_h, new_w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
@@ -129,16 +189,41 @@ def _decode_rgb(path: Path, wanted: set[int] | None) -> tuple[list[np.ndarray], 
     return kept, count, video_fps
 
 
-def _frame_count_hint(path: Path) -> tuple[int, float]:
+def _frame_count_hint(path: Path) -> tuple[int, float, float | None]:
+    """Declared frame count, frame rate and duration in seconds (``None``: not declared)."""
     container = _open(path, "video")
     try:
         if not container.streams.video:
             raise ValueError(f"video file {path} has no video stream")
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
-        return int(stream.frames or 0), float(rate) if rate else 0.0
+        return int(stream.frames or 0), float(rate) if rate else 0.0, _stream_seconds(stream)
     finally:
         container.close()
+
+
+def _stream_seconds(stream: av.stream.Stream) -> float | None:
+    """The duration ``stream`` itself declares (``None``: none).
+
+    Only the stream's own: the container's duration is that of its longest stream, so comparing a
+    shorter track against it would report a healthy file as truncated.
+    """
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return None
+
+
+def _warn_if_short(what: str, declared: float | None, decoded: float, detail: str = "") -> None:
+    """Warn when ``decoded`` seconds fall clearly short of the ``declared`` ones (see :data:`SHORT_MEDIA_TOLERANCE`)."""
+    if declared is None or declared <= 0:
+        return
+    if decoded < declared * (1 - SHORT_MEDIA_TOLERANCE) and declared - decoded > 0.1:
+        warnings.warn(
+            f"{what} decoded to {decoded:.2f} s{detail} but its container declares {declared:.2f} s: "
+            "the file is probably truncated or damaged (only the decoded part is used)",
+            TruncatedMediaWarning,
+            stacklevel=3,
+        )
 
 
 def load_video(
@@ -155,12 +240,20 @@ def load_video(
 
     ``with_audio=True`` (audio-in-video) also decodes the audio track and raises ``ValueError``
     naming the file when the video has none; ``audio_max_seconds`` keeps (and decodes) only its
-    first seconds (see :func:`load_audio`).
+    first seconds (see :func:`load_audio`). ``max_frames`` must be at least 2 (one temporal patch).
+    A video that decodes to clearly fewer frames than its container declares warns
+    (:class:`TruncatedMediaWarning`) and is sampled from the frames that decode.
     """
     if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+        raise ValueError(f"fps must be positive, got {fps} (video file {path})")
+    if max_frames < TEMPORAL_PATCH:
+        raise ValueError(
+            f"max_frames must be >= {TEMPORAL_PATCH} (one temporal patch of {TEMPORAL_PATCH} frames), "
+            f"got {max_frames} (video file {path})"
+        )
     p = _check_exists(path, "video")
-    total, video_fps = _frame_count_hint(p)
+    total, video_fps, declared_seconds = _frame_count_hint(p)
+    declared_frames = total
     frames = None
     if total >= TEMPORAL_PATCH and video_fps > 0:
         n = sample_frame_count(total, video_fps, fps, min_frames, max_frames)
@@ -176,11 +269,22 @@ def load_video(
             )
         if video_fps <= 0:
             raise ValueError(f"video file {p} has no frame rate in its metadata")
+        if declared_frames > count:
+            _warn_if_short(
+                f"video file {p}",
+                declared_frames / video_fps,
+                count / video_fps,
+                f" ({count} of the {declared_frames} frames its stream declares)",
+            )
+        elif declared_frames == 0:  # no frame count declared: compare durations
+            _warn_if_short(f"video file {p}", declared_seconds, count / video_fps, f" ({count} frames)")
         total = count
         n = sample_frame_count(total, video_fps, fps, min_frames, max_frames)
         idx = sample_indices(total, n)
         frames = np.stack([kept[i] for i in idx])
-    tensor = resize_frames(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), min_pixels, max_pixels)
+    tensor = resize_frames(
+        torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), min_pixels, max_pixels, path=p
+    )
     realised_fps = len(idx) / total * video_fps
     audio = load_audio(p, max_seconds=audio_max_seconds) if with_audio else None
     return VideoClip(frames=tensor, fps=realised_fps, path=str(p), audio=audio)
@@ -226,7 +330,9 @@ def load_audio(path: str | Path, sr: int = AUDIO_SAMPLE_RATE, max_seconds: float
 
     ``max_seconds`` keeps only the first ``round(max_seconds * sr)`` samples and stops decoding as
     soon as they are in hand, so a token budget that keeps 30 s of a 60-minute track decodes about
-    30 s, not 60 minutes. ``None`` decodes the whole track.
+    30 s, not 60 minutes. ``None`` decodes the whole track. A track that decodes to clearly less
+    than its container declares (or than ``max_seconds``, when shorter) warns
+    (:class:`TruncatedMediaWarning`) naming the file and both durations.
     """
     if max_seconds is not None and max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds} (audio file {path})")
@@ -236,8 +342,10 @@ def load_audio(path: str | Path, sr: int = AUDIO_SAMPLE_RATE, max_seconds: float
     try:
         if not container.streams.audio:
             raise ValueError(f"media file {p} has no audio stream (needed for audio / use_audio_in_video)")
+        stream = container.streams.audio[0]
+        declared = _stream_seconds(stream)
         try:
-            chunks = _decode_audio(container, container.streams.audio[0], sr, limit)
+            chunks = _decode_audio(container, stream, sr, limit)
         except av.FFmpegError as err:
             raise ValueError(f"cannot decode audio of {p} (corrupt?): {err}") from err
     finally:
@@ -245,6 +353,9 @@ def load_audio(path: str | Path, sr: int = AUDIO_SAMPLE_RATE, max_seconds: float
     if not chunks:
         raise ValueError(f"audio stream of {p} decoded to no samples")
     wave = np.concatenate(chunks).astype(np.float32, copy=False)
+    if declared is not None and max_seconds is not None:
+        declared = min(declared, max_seconds)
+    _warn_if_short(f"audio track of {p}", declared, wave.size / sr)
     return wave if limit is None else wave[:limit]
 
 

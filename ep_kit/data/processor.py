@@ -53,6 +53,7 @@ from ep_kit.data.media import (
     load_video,
 )
 from ep_kit.data.tokenizer import build_tiny_tokenizer
+from ep_kit.sequence import answer_span
 
 IGNORE_INDEX = -100
 MEDIA_TAG = re.compile(r"<(video|audio|image)>")
@@ -280,7 +281,7 @@ class AVInputBuilder:
         }
         labels = self.assistant_labels(input_ids)
         sample["labels"] = labels
-        sample["answer_mask"] = labels != IGNORE_INDEX
+        sample["answer_mask"] = answer_span(labels, IGNORE_INDEX)  # the answer and all after it
         if "pixel_values_videos" in out:
             sample["pixel_values_videos"] = out["pixel_values_videos"]
             sample["video_grid_thw"] = out["video_grid_thw"].long()
@@ -511,13 +512,17 @@ class SampleEncoder:
     def _fewer_frames(
         self, clips: list[VideoClip], waves: list[np.ndarray], sample: dict[str, Tensor], build: Callable
     ) -> tuple[list[VideoClip], dict[str, Tensor]]:
-        """Re-decode with a smaller frame cap until the sample fits or every video is at 2 frames.
+        """Re-decode with a smaller frame cap until the sample fits or the frames reach their floor.
 
+        The floor is 2 frames per video without audio; with audio it is the cap whose video tokens
+        fill half of what ``max_tokens`` leaves after the text: below that the audio is what overflows (a 30-minute clip has
+        45,000 audio tokens), so the audio policy cuts it instead of leaving the video 2 frames.
         Audio tracks already decoded are reused: only the frames change.
         """
         cap = max((clip.num_frames for clip in clips), default=0)
-        while cap > TEMPORAL_PATCH and not self._fits(sample):
-            cap = self._frame_cap(sample, cap)
+        floor = self._frame_floor(sample, cap)
+        while cap > floor and not self._fits(sample):
+            cap = max(floor, self._frame_cap(sample, cap))
             clips = [self._fewer(clip, cap) for clip in clips]
             sample = build(clips, waves)
             log.info(
@@ -527,6 +532,16 @@ class SampleEncoder:
                 self.max_tokens,
             )
         return clips, sample
+
+    def _frame_floor(self, sample: dict[str, Tensor], cap: int) -> int:
+        """The smallest frame cap :meth:`_fewer_frames` goes to (see there); even and >= 2."""
+        n_video = self._count(sample, self.builder.processor.video_token_id)
+        n_audio = self._count(sample, self.builder.processor.audio_token_id)
+        if not n_audio or not n_video:
+            return TEMPORAL_PATCH
+        half = (self.max_tokens - (len(sample["input_ids"]) - n_video - n_audio)) // 2  # of the room after text
+        frames = half * cap // n_video // TEMPORAL_PATCH * TEMPORAL_PATCH
+        return max(TEMPORAL_PATCH, min(frames, cap))
 
     def _frame_cap(self, sample: dict[str, Tensor], cap: int) -> int:
         """The largest even frame cap whose video tokens (measured per frame at ``cap``) fit the room left."""

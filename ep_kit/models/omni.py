@@ -50,7 +50,7 @@ from ep_kit.budget import check_ratio
 from ep_kit.masks import Causal
 from ep_kit.reducers.base import ReductionContext, TokenReducer
 from ep_kit.rope import MultiAxisRoPE, TMRoPE
-from ep_kit.sequence import Modality, TokenSequence
+from ep_kit.sequence import Modality, TokenSequence, answer_span
 from ep_kit.tokens import QWEN_OMNI_SPECIAL_TOKENS, TINY_SPECIAL_TOKENS
 
 SUPPORTED_ATTN = ("sdpa", "eager", "flash_attention_2")
@@ -217,13 +217,27 @@ class OmniThinker(nn.Module):
         ``attn_implementation="flash_attention_2"`` needs the ``flash_attn`` package. Talker and
         token2wav weights of a full checkpoint are ignored. The kit's own trained weights (written by
         :func:`ep_kit.models.checkpoint.export_hf`) are loaded when the directory holds them, and
-        official EchoingPixels sieve/scorer weights when a CS2 reducer is given.
+        official EchoingPixels sieve/scorer weights when a CS2 reducer is given. A directory without
+        ``*.safetensors`` weights (e.g. only ``pytorch_model.bin``) raises ``FileNotFoundError`` naming it.
         """
         if attn_implementation not in SUPPORTED_ATTN:
             raise ValueError(f"attn_implementation must be one of {SUPPORTED_ATTN}, got {attn_implementation!r}")
         if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ImportError("attn_implementation='flash_attention_2' needs the flash_attn package (pip install ep-kit[flash])")
         config = read_thinker_config(path)
+        # Checked before transformers runs: it would load a pickle-only directory in full and only then
+        # fail in the kit's extras loader, which reads safetensors headers, with no word of the .bin.
+        weights = [f for f in Path(path).glob("*.safetensors") if f.name != "ep_kit_weights.safetensors"]
+        pickles = sorted(f.name for f in Path(path).glob("*.bin"))
+        if not weights and pickles:
+            raise FileNotFoundError(
+                f"{path} holds only PyTorch pickle weights ({', '.join(pickles)}), no *.safetensors: ep-kit "
+                "loads model weights from safetensors only (safe to open, and the kit reads their headers to "
+                "find sieve/scorer weights); convert it once with transformers: from_pretrained(dir), then "
+                "save_pretrained(new_dir) writes model.safetensors"
+            )
+        if not weights:
+            raise FileNotFoundError(f"{path} holds no model weights (*.safetensors): is the download complete?")
         thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
             str(path), config=config, dtype=dtype, attn_implementation=attn_implementation
         )
@@ -313,7 +327,8 @@ class OmniThinker(nn.Module):
         ``batch`` holds the Qwen2.5-Omni processor outputs (``input_ids``, ``attention_mask``,
         ``pixel_values_videos``/``video_grid_thw``/``video_second_per_grid``, ``input_features``/
         ``feature_attention_mask``, ``pixel_values``/``image_grid_thw``, ``use_audio_in_video``)
-        plus optional ``labels`` (-100 = ignore) and ``answer_mask`` (default ``labels != -100``).
+        plus optional ``labels`` (-100 = ignore) and ``answer_mask`` (default: the first labelled token
+        and everything after it, :func:`ep_kit.sequence.answer_span`).
         Encoders and scatter run through transformers, positions through its ``get_rope_index`` on
         the full sequence. Left- or right-padded input is returned right padded;
         ``source_index`` is the input column of every token.
@@ -349,7 +364,7 @@ class OmniThinker(nn.Module):
         labels = batch.get("labels")
         answer = batch.get("answer_mask")
         if answer is None:
-            answer = labels != -100 if labels is not None else torch.zeros_like(real)
+            answer = answer_span(labels) if labels is not None else torch.zeros_like(real)
         answer = answer.bool() & real
 
         # Normalise to right padding: real tokens first, in order (stable sort).

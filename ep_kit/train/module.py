@@ -77,6 +77,26 @@ def metadata_lists(batch: Mapping[str, Any], size: int) -> dict[str, list[str]]:
     return out
 
 
+def read_lightning_checkpoint(path: Path, field: str) -> Mapping[str, Any]:
+    """A Lightning ``.ckpt`` file's contents (memory-mapped), or a ``ValueError`` naming ``field`` and the file.
+
+    Any other file (a safetensors file, a text file, a plain ``state_dict``) would otherwise fail deep
+    inside Lightning or torch (``KeyError: 101``, ``KeyError: 'pytorch-lightning_version'``).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for non-checkpoint files
+        raise ValueError(
+            f"{field}: {path} is not a Lightning checkpoint (.ckpt written by ep-kit fit): {type(err).__name__}"
+        ) from err
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        raise ValueError(
+            f"{field}: {path} is not a Lightning checkpoint (.ckpt written by ep-kit fit): it has no "
+            "'state_dict' and 'pytorch-lightning_version'"
+        )
+    return ckpt
+
+
 def _deepspeed_state_dict(root: Path) -> dict[str, Tensor]:
     """The full fp32 state dict of a Lightning DeepSpeed checkpoint directory (ZeRO shards gathered)."""
     if importlib.util.find_spec("deepspeed") is None:
@@ -207,10 +227,7 @@ class EPKitModule(LightningModule):
             return
         if not root.is_file():
             raise FileNotFoundError(f"model.init_from: {root} does not exist")
-        ckpt = torch.load(root, map_location="cpu", weights_only=True)
-        state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
-        if state is None:
-            raise ValueError(f"model.init_from: {root} is not a Lightning checkpoint (no 'state_dict')")
+        state = read_lightning_checkpoint(root, "model.init_from")["state_dict"]
         self._load_lightning_state(state, root)
 
     def _load_lightning_state(self, state: Mapping[str, Tensor], root: Path) -> None:
@@ -239,7 +256,56 @@ class EPKitModule(LightningModule):
         self.log("train/kept_ratio", float(stats["realised_keep_ratio"]), batch_size=B, sync_dist=True)
         self.log("train/audio_share", float(stats["kept_audio"].sum()) / max(1.0, kept_av), batch_size=B, sync_dist=True)
         self.log("train/video_share", float(stats["kept_video"].sum()) / max(1.0, kept_av), batch_size=B, sync_dist=True)
-        return out.loss
+        return self._with_unused_parameters(out.loss)
+
+    def _with_unused_parameters(self, loss: Tensor) -> Tensor:
+        """``loss`` plus zero times one element of every trainable parameter the loss does not reach.
+
+        Why: a batch without audio/video tokens (text-only rows of instruction data) never runs the
+        CS2 sieve and scorer, and a batch without one modality can leave parameters of the other
+        idle. DDP then stops with "parameters that were not used in producing the loss" (or hangs
+        waiting for their gradients on the other ranks). Touching each unused parameter once with
+        zero weight gives it a zero gradient, so every rank reduces the same parameters, the loss
+        value is unchanged, and DDP keeps ``find_unused_parameters=False``.
+
+        Added without a trainer (the caller may reduce gradients across processes) and under
+        DDP-style strategies (DDP, DeepSpeed ZeRO-1/2), whose parameters are whole replicas. Not on a
+        single device, where a parameter without a gradient is simply not stepped (a zero gradient
+        would let AdamW's momentum and weight decay move it), nor where parameters are sharded outside
+        the forward (FSDP, DeepSpeed ZeRO-3, model parallel), which do not need it.
+        """
+        trainer = self._trainer
+        if trainer is not None:
+            from lightning.pytorch.strategies import DDPStrategy
+
+            strategy = trainer.strategy
+            if not isinstance(strategy, DDPStrategy) or getattr(strategy, "zero_stage_3", False):
+                return loss
+        if loss.grad_fn is None:
+            return loss
+        reached = self._graph_leaf_ids(loss)
+        unused = [p for p in self.parameters() if p.requires_grad and p.numel() > 0 and id(p) not in reached]
+        if not unused:
+            return loss
+        touched = torch.stack([p.reshape(-1)[0].to(loss.dtype) for p in unused]).sum()
+        return loss + 0.0 * touched
+
+    @staticmethod
+    def _graph_leaf_ids(loss: Tensor) -> set[int]:
+        """``id`` of every tensor ``loss.backward()`` would give a gradient (the autograd graph's leaves)."""
+        seen: set[Any] = set()
+        found: set[int] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it writes
+            if variable is not None:
+                found.add(id(variable))
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return found
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -280,13 +346,16 @@ class EPKitModule(LightningModule):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None:
             return max(1, int(trainer.estimated_stepping_batches))
-        batches = len(datamodule.train_dataloader())
+        loader = datamodule.train_dataloader()
+        batches = len(loader)
         limit = trainer.limit_train_batches
         if isinstance(limit, int):
             batches = min(batches, limit)
         elif limit is not None:
             batches = int(batches * float(limit))
-        per_rank = math.ceil(batches / max(1, trainer.world_size))
+        # A loader sharded across ranks (ep_kit.data.resumable) already counts its batches per rank.
+        shards = int(getattr(getattr(loader, "sampler", None), "num_replicas", 1) or 1)
+        per_rank = math.ceil(batches / max(1, trainer.world_size // shards))
         per_epoch = math.ceil(per_rank / max(1, trainer.accumulate_grad_batches))
         return max(1, per_epoch * max(1, int(trainer.max_epochs or 1)))
 
