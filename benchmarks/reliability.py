@@ -226,12 +226,15 @@ def deepspeed_missing(d: Path) -> str:
         importlib.util.find_spec = real
 
 
-def pytest_case(node: str) -> Callable[[Path], str]:
+def pytest_case(node: str, behaviour: str) -> Callable[[Path], str]:
+    """A case whose setup is a test (distributed runs, model internals): ``behaviour`` is what it asserts."""
+
     def run(d: Path) -> str:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", node]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         last = (out.stdout.strip().splitlines() or ["no output"])[-1]
-        return ("behaves as specified (test passes: " if out.returncode == 0 else "**FAILS**: ") + last + ")"
+        return f"{behaviour} (checked by `{node.split('::')[-1]}`: {last})" if out.returncode == 0 else (
+            f"**NOT AS SPECIFIED**: `{node}` failed: {last}")
 
     return run
 
@@ -254,9 +257,21 @@ CASES = [
     Case("model directory with only pytorch_model.bin", "ep-kit fit (model.thinker.init_args.path)", bin_only),
     Case("DeepSpeed strategy without DeepSpeed installed", "ep-kit fit --config recipes/cs2_ste_20.yaml", deepspeed_missing),
     Case("answer length leaking into the sieve through the newline after <|im_end|>",
-         "pytest tests/test_answer_leak.py", pytest_case("tests/test_answer_leak.py")),
-    Case("2-process DDP run killed mid-epoch, resumed with --ckpt_path", "pytest tests/test_reliability_training.py -k kill",
-         pytest_case("tests/test_reliability_training.py"), slow=True),
+         "ep-kit fit (training samples)",
+         pytest_case("tests/test_answer_leak.py", "the answer and everything after it are never sieve keys: "
+                     "same scores and selection for answers of any length")),
+    Case("single-process resume after the dataset or batch size changed", "ep-kit fit --ckpt_path last.ckpt",
+         pytest_case("tests/test_reliability_training.py::test_single_process_resume_refuses_a_changed_dataset_or_batch_size",
+                     "refused mid-epoch, naming what changed (old -> new) and what to do")),
+    Case("2-process DDP run killed mid-epoch, resumed with --ckpt_path",
+         "ep-kit fit --trainer.devices=2 --trainer.strategy=ddp ... --ckpt_path last.ckpt",
+         pytest_case("tests/test_reliability_training.py::"
+                     "test_ddp_fit_killed_mid_epoch_resumes_every_sample_once_and_to_the_same_weights",
+                     "every sample of the epoch trained exactly once; final weights equal the uninterrupted run's"),
+         slow=True),
+    Case("text-only batches under 2-process DDP (no sieve gradient)", "ep-kit fit --trainer.devices=2 (instruction data)",
+         pytest_case("tests/test_reliability_training.py::test_ddp_fit_on_instruction_data_with_text_only_rows",
+                     "trains: unused sieve and scorer parameters get zero gradients"), slow=True),
 ]
 
 
