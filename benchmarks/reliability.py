@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> Path:
             observed = case.run(Path(tmp))
         observed = observed.replace(tmp, "<tmp>").replace("|", "\\|")
         print(f"[reliability] {case.fault}: {observed}", flush=True)
-        lines.append(f"| {case.fault} | `{case.command}` | {observed} |")
+        fault = case.fault.replace("|", "\\|")
+        lines.append(f"| {fault} | `{case.command}` | {observed} |")
     lines += ["", f"Wall time: {(time.time() - start) / 60:.1f} min."]
     args.out.mkdir(parents=True, exist_ok=True)
     md = args.out / ("reliability" + ("_quick" if args.quick else "") + ".md")
