@@ -170,21 +170,12 @@ def write_outputs(out_dir: Path, scale: str, table: list[dict], command: str, el
 
 def real_rows(rows: list[tuple[str, str, float]], seeds: int, scale: Any) -> list[dict]:
     """Fit then test every row and seed through the resumable runner; one table entry per row."""
-    from ep_kit.runs import RowSpec
-
     table = []
     for recipe, name, paper in rows:
-        path = str(REPO / "recipes" / f"{recipe}.yaml")
+        path = REPO / "recipes" / f"{recipe}.yaml"
         results = []
         for seed in range(seeds):
-            seed_arg = f"--seed_everything={seed}"
-            spec = RowSpec(
-                key=f"{recipe}-seed{seed}",
-                fit=["--config", path, "--config", str(scale.paths_train), seed_arg],
-                test=["--config", path, "--config", str(REPO / "recipes" / "eval_benchmarks.yaml"),
-                      "--config", str(scale.paths_eval), seed_arg],
-            )
-            results.append(scale.runner.run(spec))
+            results.append(scale.runner.run(scale.trained_row(f"{recipe}-seed{seed}", path, seed)))
             m = results[-1].metrics
             print(f"[ablation] {recipe} seed {seed}: Daily-Omni {m.get('test/acc/daily_omni', float('nan')):.4f} "
                   f"(realised keep {m['test/realised_keep_ratio']:.3f}){' (finished before)' if results[-1].resumed else ''}",

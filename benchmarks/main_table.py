@@ -131,11 +131,10 @@ def _in_process(call: Callable[[list[str]], Any], args: list[str], overrides: Se
     run_dir = ROOT / "runs" / "main_table"
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [*args, f"--trainer.default_root_dir={tempfile.mkdtemp(prefix=prefix, dir=run_dir)}", *overrides]
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
+    from ep_kit.cli import program_argv
+
+    with program_argv():
         return call(args)
-    finally:
-        sys.argv = argv
 
 
 def evaluate(configs: Sequence[Path], overrides: Sequence[str]) -> dict[str, float]:
@@ -242,26 +241,18 @@ def real_specs(args: Any, scale: Any) -> list[tuple[str, float, RowSpec]]:
     """(method, ratio, row) of the whole table: Full, the training-free overlays, EchoingPixels (fit + test)."""
     base = ROOT / (args.base or SCALES["real"]["base"])
     rows_dir = ROOT / SCALES["real"]["rows"]
-    evaluation = ["--config", str(scale.paths_eval)]
-
-    def overlay(key: str, path: Path) -> RowSpec:
-        return RowSpec(key, test=["--config", str(base), "--config", str(path), *evaluation])
-
-    specs = [("Full", 1.0, overlay("full", rows_dir / "full.yaml"))]
+    specs = [("Full", 1.0, scale.evaluation_row("full", base, rows_dir / "full.yaml"))]
     for method in args.methods:
         for r in args.ratios:
             pct = _pct(r)
             if method != "EchoingPixels":
-                specs.append((method, r, overlay(f"{FILES[method]}_{pct}", rows_dir / f"{FILES[method]}_{pct}.yaml")))
+                key = f"{FILES[method]}_{pct}"
+                specs.append((method, r, scale.evaluation_row(key, base, rows_dir / f"{key}.yaml")))
                 continue
-            recipe = str(ROOT / (args.echoingpixels or SCALES["real"]["echoingpixels"]).format(pct=pct))
-            test = ["--config", recipe, "--config", str(ROOT / "recipes" / "eval_benchmarks.yaml"), *evaluation,
-                    f"--model.keep_ratio={r}"]
+            recipe = ROOT / (args.echoingpixels or SCALES["real"]["echoingpixels"]).format(pct=pct)
+            spec = scale.trained_row(f"echoingpixels_{pct}", recipe, args.seed, f"--model.keep_ratio={r}")
             if args.echoingpixels_ckpt:  # weights trained elsewhere: evaluate only
-                spec = RowSpec(f"echoingpixels_{pct}", test=[*test, f"--model.init_from={args.echoingpixels_ckpt.format(pct=pct)}"])
-            else:
-                fit = ["--config", recipe, "--config", str(scale.paths_train), f"--seed_everything={args.seed}"]
-                spec = RowSpec(f"echoingpixels_{pct}", test=test, fit=fit)
+                spec = RowSpec(spec.key, test=[*spec.test, f"--model.init_from={args.echoingpixels_ckpt.format(pct=pct)}"])
             specs.append((method, r, spec))
     return specs
 

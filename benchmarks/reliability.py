@@ -172,17 +172,14 @@ def one_frame(d: Path) -> str:
 
 
 def toy_cli(d: Path, *extra: str, run_subcommand: bool = True) -> str:
-    from ep_kit.cli import run
+    from ep_kit.cli import program_argv, run
 
     args = ["--config", str(REPO / "recipes/toy/cs2_ste_20.yaml"), "--model.thinker.init_args.init_from=null",
             f"--data.init_args.source.init_args.root={d / 'synthetic'}", "--data.init_args.source.init_args.num_train=2",
             "--data.init_args.source.init_args.num_val=1", "--data.init_args.source.init_args.num_test=1",
             f"--trainer.logger.init_args.save_dir={d}", *extra]
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
+    with program_argv():
         return observe(lambda: run((["fit"] if run_subcommand else []) + args, run_subcommand=run_subcommand) and None)
-    finally:
-        sys.argv = argv
 
 
 def bad_ckpt(d: Path) -> str:

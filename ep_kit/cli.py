@@ -20,11 +20,12 @@ Programmatic use (the ablation benchmark, tests): :func:`run` returns the CLI ob
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,13 @@ class EPKitCLI(LightningCLI):
         self._check_extras()
         super().instantiate_classes()
 
+    def _subcommand_config(self) -> Any:
+        """The parsed config of the subcommand being run (the whole config when run without one)."""
+        subcommand = self.config.get("subcommand")
+        return self.config.get(subcommand) if subcommand else self.config
+
     def _check_extras(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        config = self._subcommand_config()
         strategy = config.get("trainer", {}).get("strategy") if config is not None else None
         name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
         if "deepspeed" in str(name).lower() and importlib.util.find_spec("deepspeed") is None:
@@ -151,8 +157,7 @@ class EPKitCLI(LightningCLI):
 
     def _check_ckpt_path(self) -> None:
         """``--ckpt_path``: a Lightning checkpoint file (or a DeepSpeed checkpoint folder), said clearly if not."""
-        subcommand = self.config.get("subcommand")
-        config = self.config.get(subcommand) if subcommand else None
+        config = self._subcommand_config()
         path = config.get("ckpt_path") if config is not None else None
         if not path or path in ("last", "best", "hpc", "registry"):
             return
@@ -169,6 +174,20 @@ def run(args: Sequence[str] | dict | None = None, run_subcommand: bool = True) -
         # Programmatic args (tests, benchmarks) while sys.argv holds the caller's own flags is intended here.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return _build(args, run_subcommand)
+
+
+@contextlib.contextmanager
+def program_argv() -> Iterator[None]:
+    """``sys.argv`` holding only the program name while the CLI runs in this process.
+
+    For scripts (tables, benchmarks) that call :func:`run` with their own argument list: the CLI
+    then sees exactly those arguments, never the calling script's flags.
+    """
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def fit_then_test(args: Sequence[str]) -> dict[str, float]:

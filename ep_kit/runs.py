@@ -167,13 +167,10 @@ class RowRunner:
 
 
 def _run_in_process(args: list[str]) -> Any:
-    from ep_kit.cli import run
+    from ep_kit.cli import program_argv, run
 
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI must see exactly ``args``
-    try:
+    with program_argv():  # the CLI must see exactly ``args``
         return run(args)
-    finally:
-        sys.argv = argv
 
 
 # ------------------------------------------------------------------------- table drivers
@@ -185,6 +182,21 @@ class RealScale:
     paths_train: Path
     paths_eval: Path
     source: str  # "stand-in DIR" or "local data", for the results header
+
+    def trained_row(self, key: str, recipe: Path | str, seed: int, *test_extra: str) -> RowSpec:
+        """Fit ``recipe`` on the training paths, then test its weights on every benchmark."""
+        seed_arg = f"--seed_everything={seed}"
+        evaluation = self.runner.repo / "recipes" / "eval_benchmarks.yaml"
+        return RowSpec(
+            key,
+            fit=["--config", str(recipe), "--config", str(self.paths_train), seed_arg],
+            test=["--config", str(recipe), "--config", str(evaluation), "--config", str(self.paths_eval),
+                  seed_arg, *test_extra],
+        )
+
+    def evaluation_row(self, key: str, *configs: Path | str) -> RowSpec:
+        """Test ``configs`` (an evaluation base and its overlays) on every benchmark; nothing is trained."""
+        return RowSpec(key, test=[a for c in (*configs, self.paths_eval) for a in ("--config", str(c))])
 
 
 def add_real_scale_arguments(parser: Any) -> None:

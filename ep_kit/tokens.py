@@ -35,3 +35,14 @@ CONFIG_TOKEN_FIELDS: dict[str, str] = {
     "vision_start_token_id": "<|vision_bos|>",
     "vision_end_token_id": "<|vision_eos|>",
 }
+
+
+def audio_tokens_from_mel(mel_frames: int) -> int:
+    """LLM audio tokens for ``mel_frames`` Whisper feature frames: the audio encoder's two stride-2 stages.
+
+    The arithmetic of transformers' ``_get_feat_extract_output_lengths``, kept here so the data
+    package (token budgets) and the model factories (synthetic batches) share it without importing
+    each other.
+    """
+    after_cnn = (mel_frames - 1) // 2 + 1
+    return (after_cnn - 2) // 2 + 1

@@ -98,8 +98,22 @@ class SkipReport:
     def count(self) -> int:
         return len(self.skipped)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing skipped and nothing renamed (a report worth printing is one that is not empty)."""
+        return not self.skipped and not self.renamed
+
+    @classmethod
+    def merged(cls, reports: Iterable[SkipReport]) -> SkipReport:
+        """One report holding every entry of ``reports``, in order (sources made of several data sets)."""
+        out = cls()
+        for report in reports:
+            out.skipped += report.skipped
+            out.renamed += report.renamed
+        return out
+
     def summary(self) -> str:
-        if not self.skipped and not self.renamed:
+        if self.empty:
             return "no samples skipped"
         lines = [f"{self.count} sample(s) skipped:"] + [f"  {w}: {r}" for w, r in self.skipped]
         if self.renamed:

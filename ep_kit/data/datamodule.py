@@ -130,11 +130,18 @@ class DataSource:
     ) -> list[tuple[Dataset, bool]]:
         """Every dataset of ``split``, each with the audio-in-video setting its batches use.
 
-        One by default; an evaluation suite gives one per benchmark, so the video-only benchmarks
-        are fed without their audio track while the audio-visual ones keep it.
+        One by default, fed with audio when the data module feeds audio and :attr:`with_audio`
+        allows it; an evaluation suite gives one per benchmark, so the video-only benchmarks are fed
+        without their audio track while the audio-visual ones keep it.
         """
-        ds = self.dataset(split, encoder_for(use_audio_in_video), use_audio_in_video)
-        return [] if ds is None else [(ds, use_audio_in_video)]
+        audio = use_audio_in_video and self.with_audio
+        ds = self.dataset(split, encoder_for(audio), audio)
+        return [] if ds is None else [(ds, audio)]
+
+    @property
+    def with_audio(self) -> bool:
+        """Whether this source's videos are fed with their audio track (when the data module feeds audio)."""
+        return True
 
 
 class SyntheticSource(DataSource):
@@ -211,10 +218,7 @@ class InstructSource(DataSource):
     @property
     def report(self) -> SkipReport:
         """Rows skipped so far over every split built (a fresh merge, in split order)."""
-        merged = SkipReport()
-        for ds in self._datasets.values():
-            merged.skipped += ds.report.skipped
-        return merged
+        return SkipReport.merged(ds.report for ds in self._datasets.values())
 
     def skip_summary(self) -> str:
         """End-of-run text of :attr:`report`: per split, rows kept and skipped, then every skip with its reason.
@@ -262,15 +266,8 @@ class BenchmarkSource(DataSource):
 
     @property
     def with_audio(self) -> bool:
-        """Whether this benchmark is evaluated with the video's audio track (when the data module feeds audio)."""
+        """Only the audio-visual benchmarks are evaluated with the video's audio track."""
         return self.name in AUDIO_BENCHMARKS
-
-    def datasets(
-        self, split: Split, encoder_for: Callable[[bool], SampleEncoder], use_audio_in_video: bool
-    ) -> list[tuple[Dataset, bool]]:
-        audio = use_audio_in_video and self.with_audio
-        ds = self.dataset(split, encoder_for(audio), audio)
-        return [] if ds is None else [(ds, audio)]
 
     def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
         if split == "train":
@@ -317,11 +314,7 @@ class BenchmarkSuite(DataSource):
 
     @property
     def report(self) -> SkipReport:
-        merged = SkipReport()
-        for b in self.benchmarks:
-            merged.skipped += b.report.skipped
-            merged.renamed += b.report.renamed
-        return merged
+        return SkipReport.merged(b.report for b in self.benchmarks)
 
     def dataset(self, split: Split, encoder: SampleEncoder, use_audio_in_video: bool) -> Dataset | None:
         raise TypeError("BenchmarkSuite has one dataset per benchmark: use datasets()")
@@ -458,16 +451,19 @@ class AVDataModule(L.LightningDataModule):
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self.source.datasets(split, self.encoder_for, self.use_audio_in_video)
-        report = self.skip_report
-        if report is not None and (report.count or report.renamed):
-            log.warning("%s", report.summary())  # never skip silently
+        self._log_skips(at_end=False)
 
     def teardown(self, stage: str) -> None:
         """At the end of every run: the skip report again, with what was skipped while it ran."""
+        self._log_skips(at_end=True)
+
+    def _log_skips(self, at_end: bool) -> None:
+        """Never skip silently: log the source's skip report when it holds anything."""
         report = self.skip_report
-        if report is not None and (report.count or report.renamed):
-            summary = getattr(self.source, "skip_summary", report.summary)
-            log.warning("%s", summary())
+        if report is None or report.empty:
+            return
+        summary = getattr(self.source, "skip_summary", None) if at_end else None
+        log.warning("%s", summary() if summary is not None else report.summary())
 
     def _collate(self, use_audio_in_video: bool) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return functools.partial(
@@ -504,7 +500,7 @@ class AVDataModule(L.LightningDataModule):
                     )
                 )
             else:
-                loaders.append(DataLoader(ds, shuffle=shuffle, **kwargs))
+                loaders.append(DataLoader(ds, shuffle=False, **kwargs))
         return loaders
 
     def train_dataloader(self) -> DataLoader:

@@ -54,6 +54,7 @@ from ep_kit.data.media import (
 )
 from ep_kit.data.tokenizer import build_tiny_tokenizer
 from ep_kit.sequence import answer_span
+from ep_kit.tokens import audio_tokens_from_mel
 
 IGNORE_INDEX = -100
 MEDIA_TAG = re.compile(r"<(video|audio|image)>")
@@ -319,13 +320,11 @@ def audio_token_count(
 
     Mel frames are what the Whisper extractor's ``feature_attention_mask`` sums to: ``ceil(n / hop)``
     inside its padded window of ``window_samples``, ``n // hop`` beyond it (longer audio is kept
-    whole). Tokens follow transformers' ``_get_feat_extract_output_lengths`` (the audio encoder's two
-    stride-2 stages, as :func:`ep_kit.models.tiny.audio_token_count`), repeated here because the data
-    package imports no model code. ``4 * hop`` samples (40 ms) are exactly one token.
+    whole). Tokens follow transformers' ``_get_feat_extract_output_lengths``
+    (:func:`ep_kit.tokens.audio_tokens_from_mel`). ``4 * hop`` samples (40 ms) are exactly one token.
     """
     mel = -(-num_samples // hop_length) if num_samples <= window_samples else num_samples // hop_length
-    after_cnn = (mel - 1) // 2 + 1
-    return (after_cnn - 2) // 2 + 1
+    return audio_tokens_from_mel(mel)
 
 
 def _share(counts: Sequence[int], room: int) -> list[int]:

@@ -29,6 +29,7 @@ from ep_kit.tokens import (
     QWEN_OMNI_SPECIAL_TOKENS,
     TINY_SPECIAL_TOKENS,
     TINY_VOCAB_SIZE,
+    audio_tokens_from_mel,
 )
 
 QWEN_VOCAB_3B = 151936
@@ -269,12 +270,6 @@ def _chunks(t_values: list[float], tokens_per_chunk: int) -> list[tuple[int, int
     return out
 
 
-def audio_token_count(mel_frames: int) -> int:
-    """LLM audio tokens for ``mel_frames`` feature frames (the audio encoder's two stride-2 stages)."""
-    after_cnn = (mel_frames - 1) // 2 + 1
-    return (after_cnn - 2) // 2 + 1
-
-
 def make_av_batch(
     config: Qwen2_5OmniThinkerConfig,
     samples: Sequence[SampleSpec] | None = None,
@@ -312,7 +307,7 @@ def make_av_batch(
         row = text(s.prompt_len)
         if has_video or has_audio:
             mel = int(round(s.audio_seconds * 100)) if has_audio else 0
-            n_audio = audio_token_count(mel) if has_audio else 0
+            n_audio = audio_tokens_from_mel(mel) if has_audio else 0
             if has_video:
                 gt, gh, gw = s.frames // tps, s.height // patch, s.width // patch
                 per_grid = (gh // merge) * (gw // merge)
