@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch/torchvision are pinned to the pair this machine kind installs from local disk (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint ablation clean
+.PHONY: demo test lint ablation toy-base clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Fine-tunes CS2 from the toy base shipped in ep_kit/assets/toy_base (nothing is pretrained first).
 demo: $(STAMP)
 	$(BIN)/ep-kit fit --config recipes/toy/cs2_ste_20.yaml
 
@@ -27,6 +28,10 @@ test: lint
 
 ablation: $(STAMP)
 	$(BIN)/python benchmarks/ablation.py --scale toy
+
+# Rebuilds the shipped toy base in place (recipes/toy/pretrain.yaml, about 3 min) and records its digest.
+toy-base: $(STAMP)
+	$(BIN)/python -m ep_kit.toy_base build
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -5,40 +5,48 @@ Why this script exists: the paper's headline (Qwen2.5-Omni-3B, 517.1 ms -> 174.8
 run on one device and set against what the arithmetic allows. The thinker architecture is built
 from its config with random weights (latency and memory do not depend on the weights), fed
 synthetic clips with the token counts of real ones (2 fps, about 105k pixels per frame, audio of
-the video interleaved in 2-second chunks), and timed stage by stage:
+the video interleaved in 2-second chunks), and timed stage by stage through the model's one
+prefill path (:meth:`OmniThinker.prefill` with a clock, then :meth:`OmniThinker.head`):
 
-* ``encoders``: :meth:`OmniThinker.embed` (vision + audio encoders through transformers, scatter,
-  TMRoPE positions of the full sequence);
-* ``sieve``: :meth:`OmniThinker.reduce_before_llm` (CS2's N bidirectional layers, scorer, Top-K;
-  zero for methods that reduce inside the LLM);
-* ``llm``: :meth:`OmniThinker.run_llm` (+ final norm and lm_head on the last token by default);
-* ``llm_stage`` = sieve + llm (everything after ``embed``), ``end_to_end`` = all three.
+* ``encoders``: embedding (vision + audio encoders through transformers, scatter, positions of the
+  full sequence);
+* ``sieve``: the pre-LLM reduction (CS2's N bidirectional layers, scorer, Top-K; Random,
+  IntraModal and OmniZip select here too; zero for methods that reduce inside the LLM);
+* ``llm``: the decoder with in-LLM drops, + final norm and lm_head on the last token by default;
+* ``llm_stage`` = sieve + llm (everything after the embedding), ``end_to_end`` = all three.
+
+Methods are the recipes users run (``--methods``: recipe files, one row each, labelled by the file
+stem): :func:`ep_kit.recipes.method_from_recipe` parses each with the kit's CLI parser (a
+``baselines/`` overlay on its evaluation base, a budget overlay on ``cs2_ste_20.yaml``) and the
+row runs that recipe's reducer, budget and rotary layout on the benchmark's thinker (``--model``).
+The default is every row of the main table: ``full``, EchoingPixels ``cs2_ste_{20,10,5}`` and every
+``baselines/<method>_<pct>.yaml`` found, so a new baseline's recipes are measured with no edit here.
+The FLOP-ideal speed-ups come from :mod:`ep_kit.flops` with each reducer's own token schedule.
 
 On CUDA: bf16, CUDA events after warm-up, median of ``--repeats`` runs, peak memory from
 ``torch.cuda.max_memory_allocated`` and PASS/FAIL lines for the efficiency targets. On CPU:
-float32, ``time.perf_counter``, no peak memory. ``--smoke`` runs a tiny configuration on CPU in a
-few seconds (what the test suite runs). Results: ``benchmarks/results/efficiency_<device>[_tag].{json,md,png}``.
+float32, ``time.perf_counter``, no peak memory. ``--smoke`` runs a tiny thinker on CPU with the
+toy recipes (``recipes/toy/``; a subset by default: full, the three EchoingPixels budgets and every
+baseline at 20%). Results: ``runs/efficiency/efficiency_<device>[_tag].{json,md,png}`` (``--out``
+to choose; ``benchmarks/results`` holds the recorded ones).
 
-Run on a GPU:   python benchmarks/efficiency.py --model 3b     (30/60/120 s, 6 methods, 3 warm-up + 10 runs)
+Run on a GPU:   python benchmarks/efficiency.py --model 3b     (30/60/120 s, every main-table row, 3 warm-up + 10 runs)
+One method:     python benchmarks/efficiency.py --methods recipes/baselines/full.yaml recipes/baselines/fastv_20.yaml
 CPU smoke:      python benchmarks/efficiency.py --smoke
 
 Notes. Results are written after every measured row (``meta.complete`` false until the end), so a
 run cut short by a time limit still leaves its numbers. With ``--attn sdpa`` transformers runs the
 vision encoder's window attention as one SDPA call per window from Python (thousands per forward
 for long clips); ``--attn flash_attention_2`` (needs ``flash_attn``) uses its varlen kernel instead.
-PyramidDrop's budget is its layer-averaged kept fraction; when the paper's first stage (layer 8)
-makes the budget unreachable (20% on 36 layers: the floor is 8/36), the first stage moves to FastV's
-K and lambda is matched to the budget (the realised layers and lambda are in the JSON rows).
+Rows whose recipes share a reducer configuration (CS2 at three budgets) share one reducer, so the
+sieve copy is built once.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import inspect
 import json
-import math
 import platform
 import re
 import shlex
@@ -57,6 +65,7 @@ from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
 from ep_kit import flops
 from ep_kit.models import OmniThinker
+from ep_kit.models.omni import random_thinker
 from ep_kit.models.tiny import (
     SampleSpec,
     make_av_batch,
@@ -64,14 +73,16 @@ from ep_kit.models.tiny import (
     qwen_omni_7b_config,
     tiny_thinker_config,
 )
-from ep_kit.reducers import CS2
+from ep_kit.recipes import RecipeMethod, method_configs, method_from_recipe
 from ep_kit.sequence import Modality
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_METHODS = ("full", "cs2@0.2", "cs2@0.1", "cs2@0.05", "fastv@0.2", "pyramiddrop@0.2")
-#: The paper's Qwen2.5-Omni-3B efficiency table (Daily-Omni, forward incl. sieve): (ms, GB).
-PAPER = {"full": (517.1, 32.0), "cs2@0.2": (231.7, 14.2), "cs2@0.1": (194.0, 13.1), "cs2@0.05": (174.8, 12.3)}
-LABELS = {"full": "Full", "cs2": "EchoingPixels (CS2)", "fastv": "FastV", "pyramiddrop": "PyramidDrop"}
+ROOT = Path(__file__).resolve().parents[1]
+#: Default output directory (``benchmarks/results`` holds the recorded runs; pass ``--out`` to write there).
+DEFAULT_OUT = ROOT / "runs" / "efficiency"
+#: The paper's Qwen2.5-Omni-3B efficiency table (Daily-Omni, forward incl. sieve), by recipe stem: (ms, GB).
+PAPER = {"full": (517.1, 32.0), "cs2_ste_20": (231.7, 14.2), "cs2_ste_10": (194.0, 13.1), "cs2_ste_5": (174.8, 12.3)}
+#: Budgets of the main table, in row order.
+BUDGETS = (20, 10, 5)
 GIB = 2**30
 STAGES = ("encoders", "sieve", "llm", "llm_stage", "end_to_end")
 
@@ -85,9 +96,6 @@ class Scale:
     height: int | None  # None = smart_resize of a 16:9 1080p source to --max-pixels
     width: int | None
     prompt_tokens: int
-    sieve_layers: int
-    fastv_layer: int
-    pyramid_stages: tuple[int, ...]
 
 
 def make_scale(args: argparse.Namespace) -> Scale:
@@ -97,102 +105,58 @@ def make_scale(args: argparse.Namespace) -> Scale:
             hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2, vision_depth=2, vision_hidden_size=32,
             audio_layers=2, audio_d_model=32, attn_implementation=args.attn,
         )
-        return Scale(cfg, 56, 84, 16, min(args.sieve_layers, 2), 2, (2, 4, 6))
+        return Scale(cfg, 56, 84, 16)
     factory = {"3b": qwen_omni_3b_config, "7b": qwen_omni_7b_config}[args.model]
-    cfg = factory(attn_implementation=args.attn)
-    L = cfg.text_config.num_hidden_layers
-    return Scale(cfg, args.height, args.width, args.prompt_tokens, args.sieve_layers, args.fastv_layer,
-                 tuple(s for s in args.pyramid_stages if 0 < s < L))
+    return Scale(factory(attn_implementation=args.attn), args.height, args.width, args.prompt_tokens)
 
 
-def method_label(kind: str, ratio: float) -> str:
-    return kind if kind == "full" else f"{kind}@{ratio:g}"
+# --------------------------------------------------------------------------------------- methods
+def default_recipes(toy: bool, baseline_budgets: Sequence[int] = BUDGETS) -> list[Path]:
+    """The main table's rows as recipe files: full, EchoingPixels at each budget, every baseline found.
 
-
-def parse_method(spec: str) -> tuple[str, float]:
-    """``"cs2@0.2"`` -> ``("cs2", 0.2)``; ``"full"`` -> ``("full", 1.0)``."""
-    kind, _, ratio = spec.partition("@")
-    kind = kind.strip().lower()
-    if kind not in LABELS:
-        raise ValueError(f"--methods entry {spec!r}: method must be one of {sorted(LABELS)}")
-    r = float(ratio) if ratio else 1.0
-    if kind == "full" and ratio:
-        raise ValueError(f"--methods entry {spec!r}: 'full' takes no ratio")
-    if not 0.0 < r <= 1.0:
-        raise ValueError(f"--methods entry {spec!r}: ratio must be in (0, 1]")
-    return kind, r
-
-
-# -------------------------------------------------------------------------------------- reducers
-def _find_class(names: Sequence[str], modules: Sequence[str]) -> tuple[type | None, str]:
-    errors = []
-    for mod_name in modules:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as err:
-            errors.append(f"{mod_name}: {err}")
-            continue
-        for name in names:
-            if isinstance(getattr(mod, name, None), type):
-                return getattr(mod, name), ""
-    return None, f"no class {'/'.join(names)} in {', '.join(modules)}" + (f" ({errors[-1]})" if errors else "")
-
-
-def _construct(cls: type, wanted: dict[str, Any]) -> Any:
-    """Instantiate ``cls`` passing only the keyword arguments its constructor declares."""
-    params = inspect.signature(cls).parameters
-    return cls(**{k: v for k, v in wanted.items() if k in params})
-
-
-def pyramid_layers(stages: Sequence[int], num_layers: int, keep_ratio: float, first_fallback: int) -> tuple[int, ...]:
-    """PyramidDrop stage layers that can reach ``keep_ratio`` (its layer-averaged budget).
-
-    The paper's layers are kept when the budget is reachable (``keep_ratio > stages[0] / L``);
-    otherwise the first stage moves to ``first_fallback`` (FastV's K, the earliest drop the other
-    in-LLM baseline uses), e.g. 20% on 36 layers: ``[8, 16, 24]`` -> ``[2, 16, 24]``.
+    Baselines are discovered from ``recipes/[toy/]baselines/<method>_<pct>.yaml`` (methods in file
+    name order, at ``baseline_budgets``), so adding a baseline's recipes adds its rows.
     """
-    layers = sorted(s for s in stages if 0 < s < num_layers)
-    if not layers:
-        raise ValueError(f"--pyramid-stages {list(stages)} has no layer inside (0, {num_layers})")
-    if keep_ratio >= 1.0 or keep_ratio > layers[0] / num_layers:
-        return tuple(layers)
-    first = max(1, min(first_fallback, math.ceil(keep_ratio * num_layers) - 1))
-    return tuple(sorted({first, *(s for s in layers[1:] if s > first)}))
+    folder = ROOT / "recipes" / ("toy" if toy else "")
+    rows = folder / "baselines"
+    out = [rows / "full.yaml", *(folder / f"cs2_ste_{pct}.yaml" for pct in BUDGETS)]
+    methods = sorted({p.stem.rsplit("_", 1)[0] for p in rows.glob("*_*.yaml") if p.stem.rsplit("_", 1)[-1].isdigit()})
+    return out + [rows / f"{m}_{pct}.yaml" for m in methods for pct in baseline_budgets if (rows / f"{m}_{pct}.yaml").is_file()]
 
 
-def build_reducer(kind: str, ratio: float, scale: Scale, num_layers: int) -> tuple[Any, str]:
-    """The reducer for a method, or ``(None, reason)`` when it cannot be built (reported, not silent)."""
-    if kind == "full":
-        return None, ""
-    if kind == "cs2":
-        return CS2(num_layers=scale.sieve_layers), ""
-    if kind == "fastv":
-        cls, why = _find_class(("FastV",), ("ep_kit.reducers", "ep_kit.reducers.fastv"))
-        wanted: dict[str, Any] = {"layer": scale.fastv_layer}
-    else:
-        cls, why = _find_class(("PyramidDrop",), ("ep_kit.reducers", "ep_kit.reducers.pyramiddrop"))
-        layers = pyramid_layers(scale.pyramid_stages, num_layers, ratio, scale.fastv_layer)
-        wanted = {"layers": list(layers), "stage_ratio": None}  # None: lambda matched to the budget
-    if cls is None:
-        return None, f"not importable yet: {why}"
-    try:
-        return _construct(cls, wanted), ""
-    except (TypeError, ValueError) as err:
-        return None, f"{cls.__name__} could not be built: {err}"
+def resolve_recipe(entry: str | Path) -> Path:
+    """A ``--methods`` entry as a file: as given, else relative to the repository root."""
+    path = Path(entry)
+    if not path.is_file() and not path.is_absolute() and (ROOT / path).is_file():
+        return ROOT / path
+    return path
+
+
+def load_methods(entries: Sequence[str | Path], eval_base: str | Path | None = None) -> list[RecipeMethod]:
+    """One :class:`RecipeMethod` per recipe (a ``baselines/`` row on ``eval_base`` or its default base).
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file for a missing recipe, one that does
+    not parse, or one that sets no ``model.reducer``; two entries with one file stem are refused
+    (the stem labels the row).
+    """
+    methods = [method_from_recipe(method_configs(resolve_recipe(e), eval_base)) for e in entries]
+    stems = [m.name for m in methods]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise ValueError(f"--methods: rows are labelled by file stem and {twice} appear more than once")
+    return methods
+
+
+def reducer_label(method: RecipeMethod) -> str:
+    """``FastV(layer=2)``-style description of a row's reducer ("" for the full model)."""
+    r = method.reducer
+    return "" if r is None else f"{type(r).__name__}({r.extra_repr()})"
 
 
 # ------------------------------------------------------------------------------------------ model
 def build_thinker(config: Any, device: torch.device, dtype: torch.dtype) -> Qwen2_5OmniThinkerForConditionalGeneration:
     """The real transformers thinker with random weights, created directly on ``device`` in ``dtype``."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            attn = getattr(config, "_attn_implementation", None) or "sdpa"
-            thinker = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
-    finally:
-        torch.set_default_dtype(previous)
-    return thinker.eval()
+    return random_thinker(config, dtype=dtype, device=device).eval()
 
 
 def clip_batch(config: Any, counts: dict[str, Any], fps: float, prompt_tokens: int, batch_size: int,
@@ -225,25 +189,26 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(marks[:-1], marks[1:], strict=True)]
 
 
-def prefill(model: OmniThinker, batch: dict[str, Any], clock: Clock, logits: str) -> tuple[list[Any], Any, Any]:
-    """One reduced prefill, split into the three timed stages (same steps as ``OmniThinker.forward``)."""
-    marks = [clock.mark()]
-    full = model.embed(batch)
-    marks.append(clock.mark())
-    ctx = model.context(full, batch)
-    seq = model.reduce_before_llm(full, ctx)
-    marks.append(clock.mark())
-    seq, _ = model.run_llm(seq, ctx)
-    hidden = seq.hidden
+def timed_prefill(model: OmniThinker, batch: dict[str, Any], clock: Clock, logits: str) -> tuple[list[float], Any]:
+    """One reduced prefill through :meth:`OmniThinker.prefill`, timed per stage: ``([encoders, sieve, llm] ms, Prefill)``.
+
+    ``llm`` is the decoder plus :meth:`OmniThinker.head` (final norm + lm_head on the last token
+    for ``logits="last"``, every token for ``"all"``); the budget statistics the prefill computes
+    after the decoder are outside every stage.
+    """
+    p = model.prefill(batch, clock=clock.mark)
+    hidden = p.kept.hidden
     if logits == "last":
-        rows = torch.arange(seq.batch_size, device=hidden.device)
-        hidden = hidden[rows, seq.lengths - 1]
-    model.lm_head(model.final_norm(hidden))
-    marks.append(clock.mark())
-    return marks, ctx, (full, seq)
+        rows = torch.arange(p.kept.batch_size, device=hidden.device)
+        hidden = hidden[rows, p.kept.lengths - 1]
+    head = [clock.mark()]
+    model.head(hidden)
+    head.append(clock.mark())
+    encoders, sieve, llm = clock.elapsed_ms(p.marks)
+    return [encoders, sieve, llm + clock.elapsed_ms(head)[0]], p
 
 
-def realised_tokens(model: OmniThinker, ctx: Any, full: Any, kept: Any) -> list[float]:
+def realised_tokens(model: OmniThinker, ctx: Any, kept: Any) -> list[float]:
     """LLM tokens per decoder layer actually processed (mean over the batch): text + kept candidates."""
     per_layer = ctx.stats.get("llm_candidates_per_layer") or []
     non_candidates = (kept.attention_mask & ~model.candidate_mask(kept)).sum(-1).float()
@@ -264,19 +229,19 @@ def measure(model: OmniThinker, batch: dict[str, Any], device: torch.device, war
     clock = Clock(device)
     with torch.inference_mode():
         for _ in range(warmup):
-            clock.elapsed_ms(prefill(model, batch, clock, logits)[0])
+            timed_prefill(model, batch, clock, logits)
         if device.type == "cuda":
             torch.cuda.synchronize()
             resident = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         samples: list[list[float]] = []
         for _ in range(repeats):
-            ctx = full = kept = None  # free the previous run's outputs before the next one is measured
-            marks, ctx, (full, kept) = prefill(model, batch, clock, logits)
-            samples.append(clock.elapsed_ms(marks))
-        tokens = realised_tokens(model, ctx, full, kept)
-        n_av = full.count(Modality.VIDEO, Modality.AUDIO).float().mean().item()
-        kept_av = kept.count(Modality.VIDEO, Modality.AUDIO).float().mean().item()
+            p = None  # free the previous run's outputs before the next one is measured
+            ms, p = timed_prefill(model, batch, clock, logits)
+            samples.append(ms)
+        tokens = realised_tokens(model, p.context, p.kept)
+        n_av = p.full.count(Modality.VIDEO, Modality.AUDIO).float().mean().item()
+        kept_av = p.kept.count(Modality.VIDEO, Modality.AUDIO).float().mean().item()
         transient = torch.cuda.max_memory_allocated() - resident if device.type == "cuda" else None
     per_stage = {
         "encoders": [s[0] for s in samples],
@@ -292,7 +257,7 @@ def measure(model: OmniThinker, batch: dict[str, Any], device: torch.device, war
         "n_av": n_av,
         "kept_av_last_layer": kept_av,
         "transient_bytes": transient,
-        "reducer_stats": {k: v for k, v in ctx.stats.items() if isinstance(v, (int, float))},
+        "reducer_stats": {k: v for k, v in p.context.stats.items() if isinstance(v, (int, float))},
     }
 
 
@@ -309,21 +274,29 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
 
 
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def run(
     args: argparse.Namespace,
     log: Callable[[str], None] = print,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Build the model once, measure every (clip length, method), return the result record.
+    """Build the model once, measure every (clip length, recipe), return the result record.
 
-    ``on_row`` receives the partial record after every measured row (``meta.complete`` False).
+    ``args.recipes`` holds the methods (:func:`load_methods`); ``on_row`` receives the partial record
+    after every measured row (``meta.complete`` False).
     """
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     scale = make_scale(args)
     config = scale.config
     num_layers = config.text_config.num_hidden_layers
-    methods = [parse_method(m) for m in args.methods]
+    methods: list[RecipeMethod] = args.recipes
     log(f"# device: {device_name(device)} | torch {torch.__version__} | transformers {transformers.__version__}")
     log(f"# model {args.model}: {num_layers} layers, hidden {config.text_config.hidden_size}, dtype {args.dtype}, "
         f"attn {args.attn}, logits {args.logits}")
@@ -333,24 +306,24 @@ def run(
     log(f"# built thinker in {time.perf_counter() - t0:.1f} s ({param_bytes(thinker) / GIB:.2f} GiB of weights)")
     thinker_bytes = param_bytes(thinker)
 
-    # One wrapper per method, all sharing the thinker's weights; CS2 budgets share one sieve copy.
+    # One wrapper per recipe, all sharing the thinker's weights; recipes with the same reducer
+    # configuration (CS2 at three budgets) share one reducer, so the sieve copy is built once.
     wrappers: dict[str, OmniThinker] = {}
     shared: dict[str, Any] = {}
     skipped: list[dict[str, str]] = []
-    for kind, ratio in methods:
-        label = method_label(kind, ratio)
-        if kind in shared:
-            reducer, why = shared[kind], ""
-        else:
-            reducer, why = build_reducer(kind, ratio, scale, num_layers)
-            if kind in ("cs2", "fastv"):
-                shared[kind] = reducer
-        if kind != "full" and reducer is None:
-            log(f"SKIP {label}: {why}")
-            skipped.append({"method": label, "reason": why})
-            continue
-        with torch.device(device):
-            wrappers[label] = OmniThinker(thinker, reducer=reducer, keep_ratio=ratio).to(device).eval()
+    for m in methods:
+        key = json.dumps(m.reducer_config, sort_keys=True, default=str)
+        reducer = shared.setdefault(key, m.reducer)
+        try:
+            with torch.device(device):
+                wrappers[m.name] = OmniThinker(
+                    thinker, rope=m.rope, reducer=reducer, keep_ratio=m.keep_ratio,
+                    candidate_modalities=m.candidate_modalities,
+                ).to(device).eval()
+        except (ValueError, TypeError, RuntimeError) as err:  # e.g. stage layers beyond this decoder's depth
+            why = f"{type(err).__name__}: {err}"
+            log(f"SKIP {m.name}: {why}")
+            skipped.append({"method": m.name, "reason": why})
 
     rows: list[dict[str, Any]] = []
     clips: dict[str, Any] = {}
@@ -361,8 +334,8 @@ def run(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": args.model, "dtype": args.dtype, "attn": args.attn, "logits": args.logits,
         "batch_size": args.batch_size, "warmup": args.warmup, "repeats": args.repeats, "fps": args.fps,
-        "max_pixels": args.max_pixels, "sieve_layers": scale.sieve_layers, "fastv_layer": scale.fastv_layer,
-        "pyramid_stages": list(scale.pyramid_stages), "num_layers": num_layers, "smoke": args.smoke,
+        "max_pixels": args.max_pixels, "num_layers": num_layers, "smoke": args.smoke,
+        "recipes": {m.name: [_relative(c) for c in m.configs] for m in methods},
         "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
         "peak_memory": "weights of the method + inputs + max_memory_allocated above the resident set"
         if device.type == "cuda" else "n/a on CPU",
@@ -370,7 +343,7 @@ def run(
 
     def record(rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
         add_relative(rows)
-        checks = target_checks(rows, scale.sieve_layers, num_layers) if device.type == "cuda" and complete else []
+        checks = target_checks(rows, num_layers) if device.type == "cuda" and complete else []
         for c in checks:
             log(f"{c['status']}: {c['check']} -- {c['detail']}")
         return {
@@ -389,32 +362,33 @@ def run(
         batch_bytes = tensor_bytes(batch)
         log(f"\n## {seconds:g} s clip: {counts['video']} video + {counts['audio']} audio + {counts['text']} text "
             f"= {counts['total']} tokens ({counts['frames']} frames of {counts['height']}x{counts['width']})")
-        for kind, ratio in methods:
-            label = method_label(kind, ratio)
-            if label not in wrappers:
+        for m in methods:
+            if m.name not in wrappers:
                 continue
-            model = wrappers[label]
+            model = wrappers[m.name]
+            reducer, ratio, label = model.reducer, m.keep_ratio, m.name
             res = measure(model, batch, device, args.warmup, args.repeats, args.logits)
-            stages = tuple(getattr(model.reducer, "layers", scale.pyramid_stages)) if kind == "pyramiddrop" else ()
-            schedule = {"fastv_layer": scale.fastv_layer, "pyramid_stages": stages or scale.pyramid_stages}
-            realised = flops.ideal_speedup(config, counts, ratio, scale.sieve_layers, kind, args.logits,
-                                           tokens=[round(t) for t in res["tokens_per_layer"]], **schedule)
+            measured = [round(t) for t in res["tokens_per_layer"]]
+            schedule = flops.schedule_of(config, counts, reducer, ratio)
+            realised = flops.ideal_speedup(config, counts, reducer, ratio, args.logits, tokens=measured)
             try:
-                analytic = flops.ideal_speedup(config, counts, ratio, scale.sieve_layers, kind, args.logits,
-                                               pyramid_lambda=None, **schedule)
-            except ValueError as err:  # e.g. a PyramidDrop budget its stages cannot reach
-                analytic = {"error": str(err)}
-            fl = flops.prefill_flops(config, counts, kind, ratio, scale.sieve_layers, args.logits,
-                                     tokens=[round(t) for t in res["tokens_per_layer"]])
-            est = flops.prefill_bytes(config, counts, kind, ratio, scale.sieve_layers, torch.finfo(dtype).bits // 8,
-                                      args.logits, tokens=[round(t) for t in res["tokens_per_layer"]])
-            own_weights = thinker_bytes + param_bytes(model.reducer)
+                analytic = flops.ideal_speedup(config, counts, reducer, ratio, args.logits)
+                analytic_tokens = flops.tokens_per_layer(config, counts, reducer, ratio)
+            except ValueError as err:  # e.g. a PyramidDrop budget its stages cannot reach at this depth
+                analytic, analytic_tokens = {"error": str(err)}, None
+            fl = flops.prefill_flops(config, counts, reducer, ratio, args.logits, tokens=measured)
+            est = flops.prefill_bytes(config, counts, reducer, ratio, torch.finfo(dtype).bits // 8, args.logits,
+                                      tokens=measured)
+            own_weights = thinker_bytes + param_bytes(reducer)
             peak = None if res["transient_bytes"] is None else own_weights + batch_bytes + res["transient_bytes"]
             row = {
-                "method": label, "kind": kind, "label": LABELS[kind], "keep_ratio": ratio, "seconds": seconds,
+                "method": label, "kind": "full" if reducer is None else type(reducer).__name__, "label": label,
+                "recipe": [_relative(c) for c in m.configs], "keep_ratio": ratio, "seconds": seconds,
                 "tokens": counts["total"], "n_av": res["n_av"], "kept_av": res["kept_av_last_layer"],
-                "tokens_per_layer": res["tokens_per_layer"],
-                "reducer": "" if model.reducer is None else f"{type(model.reducer).__name__}({model.reducer.extra_repr()})",
+                "tokens_per_layer": res["tokens_per_layer"], "tokens_per_layer_analytic": analytic_tokens,
+                "sieve_layers": schedule.sieve_layers,
+                "reducer": reducer_label(m),
+                "rope": "model default (TMRoPE)" if m.rope is None else repr(m.rope),
                 "reducer_stats": res["reducer_stats"],
                 "effective_keep_ratio": realised["effective_keep_ratio"],
                 "ms": res["ms"], "ms_samples": res["ms_samples"],
@@ -456,8 +430,12 @@ def add_relative(rows: list[dict[str, Any]]) -> None:
         r["paper_memory_reduction"] = paper_full[1] / r["paper_gb"] if r["paper_gb"] else None
 
 
-def target_checks(rows: list[dict[str, Any]], sieve_layers: int, num_layers: int) -> list[dict[str, str]]:
-    """The issue's targets as PASS/FAIL lines (meaningful on a GPU only)."""
+def target_checks(rows: list[dict[str, Any]], num_layers: int) -> list[dict[str, str]]:
+    """The efficiency targets (sieve overhead, speed-up vs FLOPs, linear memory, 120 s in 80 GB) as PASS/FAIL lines.
+
+    The sieve target applies to every row with a sieve (``row["sieve_layers"]`` of the reducer's token
+    schedule: CS2's N). Meaningful on a GPU only.
+    """
     out: list[dict[str, str]] = []
 
     def add(ok: bool | None, check: str, detail: str) -> None:
@@ -469,8 +447,8 @@ def target_checks(rows: list[dict[str, Any]], sieve_layers: int, num_layers: int
         if r["kind"] == "full" or base is None:
             continue
         where = f"{r['method']} @ {r['seconds']:g} s"
-        if r["kind"] == "cs2":
-            limit = sieve_layers / num_layers * base["ms"]["llm_stage"] * 1.10
+        if r.get("sieve_layers"):
+            limit = r["sieve_layers"] / num_layers * base["ms"]["llm_stage"] * 1.10
             add(r["ms"]["sieve"] <= limit, "sieve overhead <= N/L of the full LLM stage + 10%",
                 f"{where}: sieve {r['ms']['sieve']:.1f} ms, limit {limit:.1f} ms")
         for stage, key in (("llm_stage", "llm"), ("end_to_end", "end_to_end")):
@@ -511,13 +489,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Command: `{m['command']}`  ",
         f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}, {m['date']}  ",
         f"dtype {m['dtype']}, attention {m['attn']}, logits on {m['logits']} token(s), batch {m['batch_size']}, "
-        f"warm-up {m['warmup']}, median of {m['repeats']} ({m['timer']}); CS2 sieve N={m['sieve_layers']} of "
-        f"{m['num_layers']} layers, FastV K={m['fastv_layer']}; PyramidDrop: paper stages {m['pyramid_stages']}, "
-        "lambda matched to the budget (first stage moved to K when the budget is below stages[0]/L; "
-        "realised layers and lambda per row in the JSON).  ",
+        f"warm-up {m['warmup']}, median of {m['repeats']} ({m['timer']}); {m['num_layers']} decoder layers.  ",
+        "Rows are recipes (label = file stem), each run with its own reducer, budget and rotary layout; "
+        "the configs of each row and its reducer are listed below the tables.  ",
         f"Peak memory: {m['peak_memory']}. GiB = 2^30 bytes. FLOP-ideal = full FLOPs / method FLOPs "
-        "(ep_kit.flops, from the realised per-layer token counts). Paper: Qwen2.5-Omni-3B on Daily-Omni "
-        "(clip length not stated per row).",
+        "(ep_kit.flops, from the realised per-layer token counts; the reducer's own schedule gives the same "
+        "counts). Paper: Qwen2.5-Omni-3B on Daily-Omni (clip length not stated per row).",
         "",
     ]
     for sec, c in result["clips"].items():
@@ -531,7 +508,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         ]
         for r in (r for r in result["rows"] if str(r["seconds"]) == sec):
             sp = r["speedup"] or {}
-            name = r["label"] if r["kind"] == "full" else f"{r['label']} {100 * r['keep_ratio']:g}%"
+            name = r["label"] if r["kind"] == "full" else f"{r['label']} ({r['kind']}, {100 * r['keep_ratio']:g}%)"
             lines.append(
                 f"| {name} "
                 f"| {r['ms']['end_to_end']:.1f} | {_fmt(sp.get('end_to_end'), '.2f', 'x')} "
@@ -541,6 +518,14 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"| {_fmt(r['paper_ms'])} | {_fmt(r['paper_speedup'], '.2f', 'x')} | {_fmt(r['paper_gb'])} "
                 f"| {_fmt(r['paper_memory_reduction'], '.2f', 'x')} |"
             )
+        lines.append("")
+    first: dict[str, dict[str, Any]] = {}
+    for r in result["rows"]:
+        first.setdefault(r["method"], r)
+    if first:
+        lines += ["## Recipes", "", "| row | configs | reducer |", "|---|---|---|"]
+        lines += [f"| {name} | {' + '.join(r.get('recipe', []))} | {r['reducer'] or 'none (full model)'} |"
+                  for name, r in first.items()]
         lines.append("")
     if result["skipped"]:
         lines += ["## Skipped methods", ""] + [f"- {s['method']}: {s['reason']}" for s in result["skipped"]] + [""]
@@ -610,12 +595,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("3b", "7b", "tiny"), default="3b")
     p.add_argument("--seconds", type=float, nargs="+", default=None, help="clip lengths (default 30 60 120)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="full, cs2@R, fastv@R, pyramiddrop@R")
+    p.add_argument("--methods", nargs="+", default=None, metavar="RECIPE",
+                   help="recipe files, one row each (a baselines/ overlay runs on its evaluation base, a budget or "
+                        "ablation overlay on cs2_ste_20.yaml); default: every main-table row (recipes/, or "
+                        "recipes/toy/ with --smoke: full, cs2_ste_{20,10,5} and every baseline at 20%%)")
+    p.add_argument("--eval-base", type=Path, default=None,
+                   help="evaluation base of the baselines/ rows (default: the row folder's own, recipes/eval_3b.yaml "
+                        "or recipes/toy/baselines/base.yaml; --model 7b: recipes/eval_7b.yaml)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="output directory")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="output directory (default runs/efficiency; benchmarks/results holds the recorded runs)")
     p.add_argument("--tag", default="", help="suffix of the output file names")
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, short clips, 1 warm-up + 2 runs")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model on CPU with the toy recipes, short clips, 1 warm-up + 2 runs")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
@@ -628,9 +621,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="frame height (multiple of 28), overrides --max-pixels")
     p.add_argument("--width", type=int, default=None, help="frame width (multiple of 28)")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--sieve-layers", type=int, default=4)
-    p.add_argument("--fastv-layer", type=int, default=2)
-    p.add_argument("--pyramid-stages", type=int, nargs="+", default=[8, 16, 24])
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
@@ -652,11 +642,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--seconds must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available")
-    for m in args.methods:
-        try:
-            parse_method(m)
-        except ValueError as err:
-            p.error(str(err))
+    if args.methods is None:
+        args.methods = [str(r) for r in default_recipes(args.smoke, (20,) if args.smoke else BUDGETS)]
+    if args.eval_base is None and args.model == "7b":
+        args.eval_base = ROOT / "recipes" / "eval_7b.yaml"
+    try:
+        args.recipes = load_methods(args.methods, args.eval_base)
+    except (FileNotFoundError, ValueError) as err:
+        p.error(str(err))
     return args
 
 

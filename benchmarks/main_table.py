@@ -3,6 +3,8 @@
 Every cell is one ``ep-kit test`` run (:func:`ep_kit.cli.run`, in process) of an evaluation base
 config plus one row overlay (``recipes/[toy/]baselines/<method>_<pct>.yaml``), so every method sees
 the same model, data, prompt and budget unit (keep ratio ``r`` over the A/V tokens of each sample).
+The training-free methods are discovered from those files (:func:`baseline_files`): a new
+baseline's three recipes add its rows, with no edit here.
 
 Columns, per method and budget (20/10/5%):
 
@@ -30,8 +32,8 @@ Usage (from the repository root)::
 Outputs ``main_table_<scale>[_quick].md`` and ``.csv`` (with the command line; real scale also a
 ``.png``) into ``--out`` (default ``runs/tables``; ``benchmarks/results`` holds the recorded ones).
 
-Toy scale: the training-free rows use ``recipes/toy/baselines/base.yaml`` (the toy base is built on
-first use by ``recipes/toy/pretrain.yaml``); without ``--echoingpixels-ckpt`` the script trains each
+Toy scale: the training-free rows use ``recipes/toy/baselines/base.yaml`` (the toy base shipped with
+the kit, ``ep_kit/assets/toy_base``); without ``--echoingpixels-ckpt`` the script trains each
 budget's CS2 recipe itself first (``ep-kit fit``, seed ``--seed``, from the same toy base) and tests
 the result, so the one command gives the whole table; a missing config leaves that row ``n/a`` with
 the reason in the notes.
@@ -40,7 +42,8 @@ Real scale: every cell is a row of :class:`ep_kit.runs.RowRunner` (its own ``ep-
 Lightning launches the GPUs as from a shell; a finished cell is never run again, an interrupted fit
 continues from its ``last.ckpt``). Training-free cells test ``recipes/eval_3b.yaml`` (``--base``)
 plus the row overlay with the evaluation path overlay; EchoingPixels cells fit
-``recipes/cs2_ste_{pct}.yaml`` with the training path overlay, then test its ``last.ckpt`` on every
+``recipes/cs2_ste_{pct}.yaml`` (10 and 5 on their base ``cs2_ste_20.yaml``, :mod:`ep_kit.recipes`) with the
+training path overlay, then test its ``last.ckpt`` on every
 benchmark (``recipes/eval_benchmarks.yaml``), or only test ``--echoingpixels-ckpt`` weights. The
 benchmark groups come from :data:`ep_kit.data.benchmarks.BENCHMARK_GROUPS`; the paper's numbers
 (:data:`PAPER`) stand beside each cell, with its commands, commit, checkpoint and realised budget.
@@ -66,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ep_kit.data.benchmarks import BENCHMARK_GROUPS  # noqa: E402
+from ep_kit.recipes import recipe_configs  # noqa: E402
 from ep_kit.runs import RowResult, RowSpec, add_real_scale_arguments, git_commit, real_scale_from_args  # noqa: E402
 
 SCALES = {
@@ -98,14 +102,35 @@ PAPER: dict[tuple[str, int], tuple[float | None, ...]] = {
     ("EchoingPixels", 5): (40.9, 52.9, 55.7, 49.8, 54.7, 66.1, 60.4, 91.0),
 }
 PAPER_COLUMNS = ("WSen", "D-Om", "VMME_a", "AV avg", "VMME", "MLVU", "Video avg", "Rel")
-METHODS = ("IntraModal", "FastV", "PyramidDrop", "OmniZip", "Random", "EchoingPixels")
-FILES = {
-    "IntraModal": "intramodal",
-    "FastV": "fastv",
-    "PyramidDrop": "pyramiddrop",
-    "OmniZip": "omnizip",
-    "Random": "random",
-}
+
+
+def baseline_files(rows_dir: Path) -> dict[str, str]:
+    """Method name -> file-name key of every training-free method with row recipes ``<key>_<pct>.yaml``.
+
+    The rows are discovered from the recipe files, so a new baseline's recipes add its rows with no
+    edit here. The name is the reducer's class (``model.reducer.class_path``, ``RandomReducer`` ->
+    ``Random``), or the key when the file names none; the paper's methods come first, in its order.
+    """
+    import yaml
+
+    found: dict[str, str] = {}
+    for path in sorted(rows_dir.glob("*_*.yaml")):
+        key, _, pct = path.stem.rpartition("_")
+        if not pct.isdigit() or key in found.values():
+            continue
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        reducer = model.get("reducer") if isinstance(model, dict) else None
+        class_path = reducer.get("class_path", "") if isinstance(reducer, dict) else ""
+        name = class_path.rsplit(".", 1)[-1].removesuffix("Reducer") or key
+        found[name] = key
+    paper_order = list(dict.fromkeys(m for m, _ in PAPER))
+    order = [m for m in paper_order if m in found] + sorted(m for m in found if m not in paper_order)
+    return {m: found[m] for m in order}
+
+
+#: The training-free methods of the shipped recipes (real scale), then EchoingPixels.
+FILES = baseline_files(ROOT / SCALES["real"]["rows"])
+METHODS = (*FILES, "EchoingPixels")
 
 
 @dataclass
@@ -148,15 +173,14 @@ def evaluate(configs: Sequence[Path], overrides: Sequence[str]) -> dict[str, flo
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
 
 
-def train_and_test(recipe: Path, seed: int, overrides: Sequence[str]) -> dict[str, float]:
-    """Fit a trainable row's recipe (toy scale) and test the fitted weights; returns the test metrics."""
+def train_and_test(configs: Sequence[Path], seed: int, overrides: Sequence[str]) -> dict[str, float]:
+    """Fit a trainable row's recipe (toy scale; its config files, base first) and test the fitted weights."""
     from ep_kit.cli import fit_then_test
 
     args = [
-        "--config",
-        str(recipe),
+        *(a for c in configs for a in ("--config", str(c))),
         f"--seed_everything={seed}",
-        f"--trainer.logger.init_args.name=main_table/{recipe.stem}/seed{seed}",
+        f"--trainer.logger.init_args.name=main_table/{configs[-1].stem}/seed{seed}",
         "--trainer.enable_progress_bar=false",
         "--model.print_metrics=false",
     ]
@@ -241,12 +265,13 @@ def real_specs(args: Any, scale: Any) -> list[tuple[str, float, RowSpec]]:
     """(method, ratio, row) of the whole table: Full, the training-free overlays, EchoingPixels (fit + test)."""
     base = ROOT / (args.base or SCALES["real"]["base"])
     rows_dir = ROOT / SCALES["real"]["rows"]
+    files = baseline_files(rows_dir)
     specs = [("Full", 1.0, scale.evaluation_row("full", base, rows_dir / "full.yaml"))]
     for method in args.methods:
         for r in args.ratios:
             pct = _pct(r)
             if method != "EchoingPixels":
-                key = f"{FILES[method]}_{pct}"
+                key = f"{files[method]}_{pct}"
                 specs.append((method, r, scale.evaluation_row(key, base, rows_dir / f"{key}.yaml")))
                 continue
             recipe = ROOT / (args.echoingpixels or SCALES["real"]["echoingpixels"]).format(pct=pct)
@@ -365,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale", choices=sorted(SCALES), default="toy")
     p.add_argument("--base", help="evaluation base config (default: the scale's base)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.1, 0.05])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"rows to run (default all: {', '.join(METHODS)}); training-free ones are discovered "
+                        "from recipes/[toy/]baselines/<method>_<pct>.yaml")
     p.add_argument(
         "--init-from",
         help="toy base directory for model.thinker.init_args.init_from ('none' = random weights)",
@@ -387,6 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra ep-kit override, e.g. --override=--trainer.accelerator=gpu",
     )
     args = p.parse_args(argv)
+    available = (*baseline_files(ROOT / SCALES[args.scale]["rows"]), "EchoingPixels")
+    args.methods = list(available) if args.methods is None else args.methods
+    unknown = [m for m in args.methods if m not in available]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; the {args.scale} recipes have {list(available)}")
     os.chdir(ROOT)  # the recipes' relative paths (data/, runs/) are relative to the repository root
     command = "python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/main_table.py", *(argv if argv is not None else sys.argv[1:])]
@@ -413,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     av_groups = args.av_groups or scale["av_groups"]
     video_groups = args.video_groups or scale["video_groups"]
     rows_dir = ROOT / scale["rows"]
+    files = baseline_files(rows_dir)
 
     full = Cell("Full", 1.0, evaluate([base, rows_dir / "full.yaml"], overrides))
     cells: list[Cell] = []
@@ -421,20 +454,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             cell = Cell(method, r)
             extra: list[str] = []
             if method == "EchoingPixels":
-                configs = [ROOT / (args.echoingpixels or scale["echoingpixels"]).format(pct=_pct(r))]
+                configs = recipe_configs(ROOT / (args.echoingpixels or scale["echoingpixels"]).format(pct=_pct(r)))
+                fit_cmd = "ep-kit fit " + " ".join(f"--config {c.relative_to(ROOT)}" for c in configs)
                 ckpt = args.echoingpixels_ckpt
-                if ckpt is None and args.scale == "toy" and configs[0].is_file():
-                    cell.metrics = train_and_test(configs[0], args.seed, overrides)
-                    cell.note = f"trained here: ep-kit fit --config {configs[0].relative_to(ROOT)} (seed {args.seed})"
+                if ckpt is None and args.scale == "toy" and all(c.is_file() for c in configs):
+                    cell.metrics = train_and_test(configs, args.seed, overrides)
+                    cell.note = f"trained here: {fit_cmd} (seed {args.seed})"
                     cells.append(cell)
                     continue
                 if ckpt is None:
-                    cell.note = f"not run: no trained weights (train with ep-kit fit --config {configs[0].relative_to(ROOT)}, pass --echoingpixels-ckpt)"
+                    cell.note = f"not run: no trained weights (train with {fit_cmd}, pass --echoingpixels-ckpt)"
                 elif not Path(ckpt.format(pct=_pct(r))).exists():
                     cell.note = f"not run: missing checkpoint {ckpt.format(pct=_pct(r))}"
                 extra = [f"--model.init_from={ckpt.format(pct=_pct(r))}"] if ckpt else []
             else:
-                configs = [base, rows_dir / f"{FILES[method]}_{_pct(r)}.yaml"]
+                configs = [base, rows_dir / f"{files[method]}_{_pct(r)}.yaml"]
             missing = [str(c) for c in configs if not c.is_file()]
             if missing:
                 cell.note = f"not run: missing {', '.join(missing)}"

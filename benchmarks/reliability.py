@@ -197,11 +197,10 @@ def bad_ratio(d: Path) -> str:
 
 
 def bin_only(d: Path) -> str:
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
     from ep_kit.models import OmniThinker, tiny_thinker_config
+    from ep_kit.models.omni import random_thinker
 
-    model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(tiny_thinker_config(num_layers=1))
+    model = random_thinker(tiny_thinker_config(num_layers=1))
     model.config.save_pretrained(d / "model")
     torch.save(model.state_dict(), d / "model" / "pytorch_model.bin")
     return observe(lambda: OmniThinker.from_pretrained(d / "model"))
@@ -258,7 +257,7 @@ CASES = [
          pytest_case("tests/test_answer_leak.py", "the answer and everything after it are never sieve keys: "
                      "same scores and selection for answers of any length")),
     Case("single-process resume after the dataset or batch size changed", "ep-kit fit --ckpt_path last.ckpt",
-         pytest_case("tests/test_reliability_training.py::test_single_process_resume_refuses_a_changed_dataset_or_batch_size",
+         pytest_case("tests/test_resumable.py::test_single_process_resume_refuses_a_changed_dataset_or_batch_size",
                      "refused mid-epoch, naming what changed (old -> new) and what to do")),
     Case("2-process DDP run killed mid-epoch, resumed with --ckpt_path",
          "ep-kit fit --trainer.devices=2 --trainer.strategy=ddp ... --ckpt_path last.ckpt",

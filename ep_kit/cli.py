@@ -7,13 +7,19 @@ strategy and callbacks. Several ``--config`` files may be given; later ones over
 
 Differences from a bare ``LightningCLI``, each for a pitfall seen in practice:
 
-* ``validate``/``test``/``predict`` with ``--ckpt_path`` do NOT re-apply the checkpoint's saved
-  hyper-parameters over the command line (stock Lightning does, so ``--model.keep_ratio 0.1`` would
-  silently evaluate the training budget). The configuration given is the one that runs; the
-  weights still come from the checkpoint. ``--model.init_from`` loads weights without any of it.
+* ``--ckpt_path`` does NOT re-apply the checkpoint's saved hyper-parameters over the command line
+  (stock Lightning does, so ``test --model.keep_ratio 0.1`` would silently evaluate the training
+  budget, and a resumed ``fit`` would take the model directory recorded in the checkpoint over the
+  one given). The configuration given is the one that runs; the weights (and for ``fit`` the
+  training state) still come from the checkpoint. ``--model.init_from`` loads weights without any
+  of it. A ``--ckpt_path`` that is missing or not a Lightning checkpoint is reported with the flag
+  and the file.
+* The module's hyper-parameters are its configuration, so ``EPKitModule.load_from_checkpoint(ckpt)``
+  rebuilds a trained module from the checkpoint alone (Lightning's ``load_from_checkpoint_support``).
 * Every run logs into its own version directory (``CSVLogger`` by default), so the saved
   ``config.yaml`` never collides with another run's; re-running a saved config reproduces the run.
-* ``predict`` writes answers as jsonl (:class:`~ep_kit.train.callbacks.AnswerWriter`).
+* ``predict`` writes answers as jsonl (:class:`~ep_kit.train.callbacks.AnswerWriter`, configured
+  under ``answers``: ``--answers.output_path FILE``; default ``<log dir>/predictions.jsonl``).
 
 Programmatic use (the ablation benchmark, tests): :func:`run` returns the CLI object.
 """
@@ -24,21 +30,16 @@ import contextlib
 import importlib.util
 import re
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ep_kit.data import AVDataModule
 from ep_kit.train.callbacks import AnswerWriter
 from ep_kit.train.module import EPKitModule, read_lightning_checkpoint
-
-#: subcommands that evaluate: a checkpoint's saved hyper-parameters must not override their config.
-EVAL_SUBCOMMANDS = ("validate", "test", "predict")
-
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
 
 
 def processor_for(thinker: Any) -> str:
@@ -105,12 +106,14 @@ class EPKitCLI(LightningCLI):
     """LightningCLI for :class:`~ep_kit.train.module.EPKitModule` and :class:`~ep_kit.data.AVDataModule`.
 
     ``data.init_args.processor`` and ``data.init_args.max_position_embeddings`` are linked from
-    ``model.thinker`` (set the checkpoint path once).
+    ``model.thinker`` (set the checkpoint path once). ``answers`` configures the
+    :class:`~ep_kit.train.callbacks.AnswerWriter` every run has (it only acts in ``predict``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.thinker", "data.init_args.processor", compute_fn=processor_for)
         parser.link_arguments("model.thinker", "data.init_args.max_position_embeddings", compute_fn=context_length_for)
+        parser.add_lightning_class_args(AnswerWriter, "answers")
 
     def instantiate_classes(self) -> None:
         """Build the configured objects; first fail early, with the fix, when an optional extra is missing."""
@@ -142,18 +145,36 @@ class EPKitCLI(LightningCLI):
             dm.predict_dataloader = dm.test_dataloader
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse as LightningCLI does, with ``null`` for nested class arguments meaning None (see :func:`nested_nulls`)."""
+        """Parse ``args`` (None: ``sys.argv[1:]``) into ``self.config``, then check ``--ckpt_path``.
+
+        As LightningCLI parses, except:
+
+        * ``null`` for an argument of a nested class means None (see :func:`nested_nulls`);
+        * ``args``, when given, is the whole command line (:func:`run` from Python: tests, the table
+          drivers), so ``sys.argv`` is not looked at and LightningCLI's warning about ``args`` beside a
+          non-empty ``sys.argv`` does not apply;
+        * ``ckpt_path`` is held back until the configuration is final (:meth:`before_instantiate_classes`),
+          so the checkpoint's hyper-parameters, which LightningCLI reads for any ``ckpt_path`` it finds
+          after parsing, never replace this configuration (nor is a whole checkpoint loaded just for
+          them). The subcommand still gets the ``ckpt_path``: weights and training state come from it.
+        """
         if args is None:
             args = sys.argv[1:]
         if isinstance(args, (list, tuple)):
             args = nested_nulls(args)
-        super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        if self.config.get("subcommand") in EVAL_SUBCOMMANDS:
-            return
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         self._check_ckpt_path()
-        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        self._held_ckpt_path = None
+        if subcommand:
+            self._held_ckpt_path = self.config[subcommand].get("ckpt_path")
+            self.config[subcommand]["ckpt_path"] = None
+
+    def before_instantiate_classes(self) -> None:
+        """Give the subcommand its ``ckpt_path`` back (held back in :meth:`parse_arguments`)."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            self.config[subcommand]["ckpt_path"] = self._held_ckpt_path
 
     def _check_ckpt_path(self) -> None:
         """``--ckpt_path``: a Lightning checkpoint file (or a DeepSpeed checkpoint folder), said clearly if not."""
@@ -170,10 +191,7 @@ class EPKitCLI(LightningCLI):
 
 def run(args: Sequence[str] | dict | None = None, run_subcommand: bool = True) -> EPKitCLI:
     """Build (and by default run) the CLI; ``args`` as on the command line (None = ``sys.argv``)."""
-    with warnings.catch_warnings():
-        # Programmatic args (tests, benchmarks) while sys.argv holds the caller's own flags is intended here.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return _build(args, run_subcommand)
+    return _build(args, run_subcommand)
 
 
 @contextlib.contextmanager
@@ -216,8 +234,6 @@ def _build(args: Sequence[str] | dict | None, run_subcommand: bool) -> EPKitCLI:
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": "runs", "name": "ep-kit"},
             },
-            # Persistent (not part of the saved config): only acts in `predict`.
-            "callbacks": [AnswerWriter()],
         },
         args=args,
         run=run_subcommand,

@@ -21,15 +21,24 @@ Token counts follow Qwen2.5-Omni's preprocessing (see :func:`token_counts`): one
 28 x 28 pixels per 2 frames, 25 LLM audio tokens per second (100 mel frames/s, two stride-2
 stages), and the four ``<vision_bos><audio_bos> ... <audio_eos><vision_eos>`` markers of
 ``use_audio_in_video`` counted as text.
+
+Methods are reducers (:class:`ep_kit.reducers.base.TokenReducer`, e.g. the one a recipe builds:
+:func:`ep_kit.recipes.method_from_recipe`); each declares its own per-layer token schedule
+(:meth:`~ep_kit.reducers.base.TokenReducer.token_schedule`: A/V candidates per decoder layer,
+sieve layers, scorer), so the FLOPs here are those of exactly the configuration that runs.
+``reducer=None`` is the full model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ep_kit.budget import check_ratio, keep_count
+from ep_kit.budget import check_ratio
+
+if TYPE_CHECKING:
+    from ep_kit.reducers.base import TokenReducer, TokenSchedule
 
 PATCH = 14
 TEMPORAL_PATCH = 2
@@ -38,8 +47,6 @@ FACTOR = PATCH * MERGE  # 28 pixels per LLM token side
 MEL_PER_SECOND = 100
 MEL_BINS = 128
 AV_MARKERS = 4  # <vision_bos><audio_bos> ... <audio_eos><vision_eos>
-
-Method = Literal["full", "cs2", "fastv", "pyramiddrop"]
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -182,15 +189,19 @@ def llm_flops(config: Any, tokens_per_layer: Sequence[int], logits: Literal["las
     return layers + lm_head_flops(config, tokens_per_layer[-1], logits)
 
 
-def sieve_flops(config: Any, n_tokens: int, n_candidates: int, sieve_layers: int) -> int:
-    """CS2: ``sieve_layers`` bidirectional decoder layers over the full sequence + the MLP scorer."""
+def sieve_flops(config: Any, n_tokens: int, sieve_layers: int, scorer_on_all_tokens: bool = True) -> int:
+    """CS2: ``sieve_layers`` bidirectional decoder layers over the full sequence + the MLP scorer.
+
+    The scorer (a ``D x D`` layer and a ``D x 1`` head per token) is counted when
+    ``scorer_on_all_tokens`` and the sieve runs (``sieve_layers > 0``).
+    """
     if sieve_layers < 0:
         raise ValueError(f"sieve_layers must be >= 0, got {sieve_layers}")
     if sieve_layers == 0:
         return 0
     D = _text(config).hidden_size
     layers = sieve_layers * decoder_layer_flops(config, n_tokens, causal=False)["total"]
-    scorer = 2 * n_tokens * (D * D + D)  # the scorer runs on every token of the refined sequence
+    scorer = 2 * n_tokens * (D * D + D) if scorer_on_all_tokens else 0  # on every token of the refined sequence
     return layers + scorer
 
 
@@ -255,93 +266,57 @@ def encoder_flops(config: Any, counts: dict[str, Any]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------- schedules
-def pyramid_tokens(n_candidates: int, num_layers: int, stages: Sequence[int], lam: float) -> list[int]:
-    """Candidates per layer under PyramidDrop: before layer ``stages[i]`` keep ``lam`` of what remains."""
-    if not 0.0 < lam <= 1.0:
-        raise ValueError(f"PyramidDrop lam must be in (0, 1], got {lam}")
-    bad = [s for s in stages if not 0 < s < num_layers]
-    if bad or list(stages) != sorted(set(stages)):
-        raise ValueError(f"PyramidDrop stages must be increasing layer indices in (0, {num_layers}), got {list(stages)}")
-    out, current = [], n_candidates
-    for i in range(num_layers):
-        if i in stages:
-            current = keep_count(current, lam)
-        out.append(current)
-    return out
+def schedule_of(config: Any, counts: dict[str, Any], reducer: TokenReducer | None, keep_ratio: float = 1.0) -> TokenSchedule:
+    """The reducer's own token schedule for a clip of ``counts`` (None: the full model, every candidate everywhere)."""
+    from ep_kit.reducers.base import TokenSchedule
 
-
-def solve_pyramid_lambda(n_candidates: int, num_layers: int, stages: Sequence[int], keep_ratio: float) -> float:
-    """The ``lam`` whose layer-averaged kept fraction is closest to ``keep_ratio`` (bisection).
-
-    Raises ``ValueError`` when the budget is below what the first stage alone costs
-    (``stages[0] / num_layers``): no ``lam`` reaches it with those stages.
-    """
+    L = _text(config).num_hidden_layers
+    n_video, n_audio = int(counts["video"]), int(counts["audio"])
     r = check_ratio(keep_ratio)
-    floor = stages[0] / num_layers if stages else 1.0
-    if r <= floor:
+    if reducer is None:
+        return TokenSchedule((n_video + n_audio,) * L)
+    schedule = reducer.token_schedule(n_video, n_audio, L, r)
+    if len(schedule.candidates_per_layer) != L:
         raise ValueError(
-            f"PyramidDrop keep_ratio {r} is below {floor:.4f} = stages[0]/num_layers "
-            f"(stages {list(stages)}, {num_layers} layers): move the first stage earlier"
+            f"{type(reducer).__name__}.token_schedule gave {len(schedule.candidates_per_layer)} layers, "
+            f"the decoder has {L}"
         )
-    lo, hi = 1e-6, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        eff = sum(pyramid_tokens(n_candidates, num_layers, stages, mid)) / (num_layers * max(1, n_candidates))
-        lo, hi = (mid, hi) if eff < r else (lo, mid)
-    return hi
+    return schedule
 
 
 def tokens_per_layer(
-    config: Any,
-    counts: dict[str, Any],
-    method: Method,
-    keep_ratio: float = 1.0,
-    fastv_layer: int = 2,
-    pyramid_stages: Sequence[int] = (8, 16, 24),
-    pyramid_lambda: float | None = 0.5,
+    config: Any, counts: dict[str, Any], reducer: TokenReducer | None = None, keep_ratio: float = 1.0
 ) -> list[int]:
-    """LLM tokens each decoder layer processes for ``method`` (text always kept)."""
-    L = _text(config).num_hidden_layers
-    text, av = int(counts["text"]), int(counts["video"]) + int(counts["audio"])
-    r = check_ratio(keep_ratio)
-    if method == "full":
-        return [text + av] * L
-    if method == "cs2":
-        return [text + keep_count(av, r)] * L
-    if method == "fastv":
-        if not 0 < fastv_layer < L:
-            raise ValueError(f"fastv_layer must be in (0, {L}), got {fastv_layer}")
-        return [text + (av if i < fastv_layer else keep_count(av, r)) for i in range(L)]
-    if method == "pyramiddrop":
-        lam = pyramid_lambda if pyramid_lambda is not None else solve_pyramid_lambda(av, L, pyramid_stages, r)
-        return [text + n for n in pyramid_tokens(av, L, pyramid_stages, lam)]
-    raise ValueError(f"method must be one of full/cs2/fastv/pyramiddrop, got {method!r}")
+    """LLM tokens each decoder layer processes under ``reducer`` at ``keep_ratio``: text (always kept)
+    plus the reducer's A/V candidates of that layer (:meth:`TokenReducer.token_schedule`)."""
+    text = int(counts["text"])
+    return [text + int(n) for n in schedule_of(config, counts, reducer, keep_ratio).candidates_per_layer]
 
 
 # ------------------------------------------------------------------------------------ end to end
 def prefill_flops(
     config: Any,
     counts: dict[str, Any],
-    method: Method = "full",
+    reducer: TokenReducer | None = None,
     keep_ratio: float = 1.0,
-    sieve_layers: int = 4,
     logits: Literal["last", "all"] = "last",
     tokens: Sequence[int] | None = None,
-    **schedule: Any,
 ) -> dict[str, Any]:
-    """FLOPs of one clip's prefill, per stage: encoders, sieve (CS2 only), LLM (+ lm_head), totals.
+    """FLOPs of one clip's prefill, per stage: encoders, sieve, LLM (+ lm_head), totals.
 
-    ``tokens`` overrides the analytic per-layer schedule with a measured one (e.g. the kept counts
-    a reducer realised). ``schedule`` goes to :func:`tokens_per_layer` (``fastv_layer``,
-    ``pyramid_stages``, ``pyramid_lambda``). ``llm_stage`` = sieve + decoder + lm_head (what runs
-    after the media embedding); ``end_to_end`` adds the encoders.
+    The per-layer tokens, the sieve depth and the scorer come from ``reducer``'s token schedule
+    at ``keep_ratio`` (None: the full model). ``tokens`` overrides the per-layer LLM tokens with
+    measured ones (e.g. the kept counts a reducer realised). ``llm_stage`` = sieve + decoder +
+    lm_head (what runs after the media embedding); ``end_to_end`` adds the encoders.
     """
-    per_layer = list(tokens) if tokens is not None else tokens_per_layer(config, counts, method, keep_ratio, **schedule)
+    schedule = schedule_of(config, counts, reducer, keep_ratio)
+    text = int(counts["text"])
+    per_layer = list(tokens) if tokens is not None else [text + int(n) for n in schedule.candidates_per_layer]
     enc = encoder_flops(config, counts)
     n_av = int(counts["video"]) + int(counts["audio"])
-    sieve = sieve_flops(config, int(counts["total"]), n_av, sieve_layers) if method == "cs2" else 0
+    sieve = sieve_flops(config, int(counts["total"]), schedule.sieve_layers, schedule.scorer_on_all_tokens)
     llm = llm_flops(config, per_layer, logits)
-    n_cand = [n - int(counts["text"]) for n in per_layer]
+    n_cand = [n - text for n in per_layer]
     return {
         "vision": enc["vision"],
         "audio": enc["audio"],
@@ -358,21 +333,19 @@ def prefill_flops(
 def ideal_speedup(
     config: Any,
     counts: dict[str, Any],
+    reducer: TokenReducer | None,
     keep_ratio: float,
-    sieve_layers: int = 4,
-    method: Method = "cs2",
     logits: Literal["last", "all"] = "last",
     tokens: Sequence[int] | None = None,
-    **schedule: Any,
 ) -> dict[str, float]:
-    """FLOP-ideal speed-up over the full model, of the LLM stage and end to end.
+    """FLOP-ideal speed-up of ``reducer`` at ``keep_ratio`` over the full model, LLM stage and end to end.
 
     ``llm`` = full decoder FLOPs / (sieve + reduced decoder FLOPs); ``end_to_end`` adds the (unreduced)
-    encoder FLOPs to both sides. Exactly 1 for ``method="full"``, for FastV at ``keep_ratio=1`` and
-    for CS2 with ``sieve_layers=0`` at ``keep_ratio=1``; CS2 at ``keep_ratio=1`` with a sieve is < 1.
+    encoder FLOPs to both sides. Exactly 1 for ``reducer=None`` and for any in-LLM or pre-LLM
+    reducer without a sieve at ``keep_ratio=1``; CS2 at ``keep_ratio=1`` pays its sieve (< 1).
     """
-    full = prefill_flops(config, counts, "full", 1.0, 0, logits)
-    red = prefill_flops(config, counts, method, keep_ratio, sieve_layers, logits, tokens=tokens, **schedule)
+    full = prefill_flops(config, counts, None, 1.0, logits)
+    red = prefill_flops(config, counts, reducer, keep_ratio, logits, tokens=tokens)
     return {
         "llm": full["llm_stage"] / red["llm_stage"],
         "end_to_end": full["end_to_end"] / red["end_to_end"],
@@ -425,17 +398,17 @@ def param_counts(config: Any) -> dict[str, int]:
 def prefill_bytes(
     config: Any,
     counts: dict[str, Any],
-    method: Method = "full",
+    reducer: TokenReducer | None = None,
     keep_ratio: float = 1.0,
-    sieve_layers: int = 4,
     bytes_per_value: int = 2,
     logits: Literal["last", "all"] = "last",
     tokens: Sequence[int] | None = None,
-    **schedule: Any,
 ) -> dict[str, int]:
-    """A memory estimate of one prefill: resident weights + KV cache + the largest transient activation.
+    """A memory estimate of one prefill under ``reducer`` at ``keep_ratio`` (None: the full model):
+    resident weights + KV cache + the largest transient activation.
 
-    * ``weights``: every thinker parameter (+ the sieve copy and scorer for CS2) at ``bytes_per_value``.
+    * ``weights``: every thinker parameter (+ the sieve copy and its scorer, from the reducer's
+      token schedule: CS2) at ``bytes_per_value``.
     * ``kv_cache``: K and V of every decoder layer for the tokens that layer kept (what generation
       holds after the prefill).
     * ``activation``: the largest live set of one layer on the widest sequence (the sieve's full
@@ -447,13 +420,15 @@ def prefill_bytes(
     """
     t = _text(config)
     params = param_counts(config)
-    per_layer = list(tokens) if tokens is not None else tokens_per_layer(config, counts, method, keep_ratio, **schedule)
-    sieve = sieve_layers * params["decoder_layer"] + t.hidden_size * t.hidden_size + 3 * t.hidden_size + 1
-    sieve = sieve if method == "cs2" else 0
+    schedule = schedule_of(config, counts, reducer, keep_ratio)
+    text = int(counts["text"])
+    per_layer = list(tokens) if tokens is not None else [text + int(n) for n in schedule.candidates_per_layer]
+    scorer = t.hidden_size * t.hidden_size + 3 * t.hidden_size + 1 if schedule.scorer_on_all_tokens else 0
+    sieve = schedule.sieve_layers * params["decoder_layer"] + scorer
     weights = (params["total"] + sieve) * bytes_per_value
     hd = _head_dim(t)
     kv = sum(2 * n * t.num_key_value_heads * hd for n in per_layer) * bytes_per_value
-    widest = int(counts["total"]) if method == "cs2" and sieve_layers else max(per_layer)
+    widest = int(counts["total"]) if schedule.sieve_layers else max(per_layer)
     D, H, inter = t.hidden_size, t.num_attention_heads, t.intermediate_size
     layer_live = widest * (2 * D + H * hd + 2 * t.num_key_value_heads * hd + H * hd + 3 * inter)
     rows = 1 if logits == "last" else per_layer[-1]

@@ -58,7 +58,7 @@ def apply_rotary(
     Delegates to transformers' Qwen2.5-Omni ``apply_rotary_pos_emb`` so that the rotation is the
     very one the decoder layers apply.
     """
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb
+    from ep_kit.models.hf import apply_rotary_pos_emb
 
     if cos.shape != sin.shape:
         raise ValueError(

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ep_kit.recipes import config_args
+
 #: the command that runs ``ep-kit`` in a child process (the current interpreter's installation).
 EP_KIT = (sys.executable, "-m", "ep_kit.cli")
 METRICS_FILE = "test_metrics.json"
@@ -184,14 +186,17 @@ class RealScale:
     source: str  # "stand-in DIR" or "local data", for the results header
 
     def trained_row(self, key: str, recipe: Path | str, seed: int, *test_extra: str) -> RowSpec:
-        """Fit ``recipe`` on the training paths, then test its weights on every benchmark."""
+        """Fit ``recipe`` on the training paths, then test its weights on every benchmark.
+
+        A budget or ablation overlay runs on its EchoingPixels base (:func:`ep_kit.recipes.config_args`).
+        """
         seed_arg = f"--seed_everything={seed}"
         evaluation = self.runner.repo / "recipes" / "eval_benchmarks.yaml"
+        recipe_args = config_args(recipe)
         return RowSpec(
             key,
-            fit=["--config", str(recipe), "--config", str(self.paths_train), seed_arg],
-            test=["--config", str(recipe), "--config", str(evaluation), "--config", str(self.paths_eval),
-                  seed_arg, *test_extra],
+            fit=[*recipe_args, "--config", str(self.paths_train), seed_arg],
+            test=[*recipe_args, "--config", str(evaluation), "--config", str(self.paths_eval), seed_arg, *test_extra],
         )
 
     def evaluation_row(self, key: str, *configs: Path | str) -> RowSpec:

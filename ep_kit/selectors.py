@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ep_kit.budget import check_ratio, keep_counts
+from ep_kit.budget import check_ratio, keep_count, keep_counts
 from ep_kit.sequence import Modality
 
 
@@ -102,6 +102,10 @@ class Selector(nn.Module):
 
     def _select(self, scores: Tensor, candidates: Tensor, k: Tensor) -> Selection:  # pragma: no cover
         raise NotImplementedError
+
+    def kept_count(self, n_video: int, n_audio: int, ratio: float) -> int:
+        """Candidates kept from a sample with these pools: one joint ``keep_count(n_video + n_audio, r)``."""
+        return keep_count(n_video + n_audio, ratio)
 
 
 def _straight_through(keep: Tensor, y_soft: Tensor, candidates: Tensor) -> Tensor:
@@ -196,3 +200,7 @@ class PerModalityTopK(Selector):
             elif weight is not None:
                 weight = torch.where(pool, sel.weight, weight)
         return Selection(keep=keep, weight=weight, k=k)
+
+    def kept_count(self, n_video: int, n_audio: int, ratio: float) -> int:
+        """``keep_count`` per modality pool, summed."""
+        return keep_count(n_video, ratio) + keep_count(n_audio, ratio)

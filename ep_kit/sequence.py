@@ -72,11 +72,11 @@ class TokenSequence:
     source_index: Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.validate()  # first, so that a bad field is named instead of failing in the default below
         if self.source_index is None:
             B, L = self.modality.shape
             idx = torch.arange(L, device=self.modality.device).expand(B, L)
             self.source_index = torch.where(self.attention_mask, idx, torch.full_like(idx, -1))
-        self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -134,20 +134,6 @@ class TokenSequence:
 
     def replace(self, **changes) -> TokenSequence:
         return dataclasses.replace(self, **changes)
-
-    def to(self, *args, **kwargs) -> TokenSequence:
-        """Move every tensor; only ``hidden`` changes dtype."""
-        moved = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v is None:
-                moved[f.name] = None
-            elif f.name == "hidden":
-                moved[f.name] = v.to(*args, **kwargs)
-            else:
-                device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
-                moved[f.name] = v.to(device) if device is not None else v
-        return TokenSequence(**moved)
 
     # ------------------------------------------------------------------ gather
     def keep(self, keep: Tensor) -> TokenSequence:

@@ -21,7 +21,7 @@ def test_tmrope_every_temporal_pair_aliases_at_ten_seconds():
     # by hand: theta_15 = 1e6 ** (-30 / 128) = 10 ** (-1.40625) = 0.0392419 rad/position
     assert low.pair == 15 and low.theta == pytest.approx(0.0392419, rel=1e-5)
     assert low.phase_step == pytest.approx(250 * 0.0392419, rel=1e-5) and low.phase_step > math.pi
-    # it still resolves strides up to pi / theta = 80 positions (3.2 s), as the spec says
+    # it still resolves strides up to pi / theta = pi / 0.0392419 = 80.06 positions (3.2 s)
     assert [p.pair for p in aliasing_report(TMRoPE(), BASE, HEAD_DIM, stride=80).violating] == list(range(15))
 
 

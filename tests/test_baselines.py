@@ -18,22 +18,28 @@ from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
 from ep_kit.budget import keep_count
 from ep_kit.models import OmniThinker
-from ep_kit.reducers import attention_rank
-from ep_kit.reducers.attention_rank import attention_row, query_index
+from ep_kit.models import attention as attention_probe
+from ep_kit.models.attention import audio_frame_salience, decoder_attention_row, pool_to_tokens
+from ep_kit.reducers.attention_rank import query_index
 from ep_kit.reducers.fastv import FastV
 from ep_kit.reducers.intramodal import IntraModal
 from ep_kit.reducers.omnizip import (
     OmniZip,
     allocate,
-    audio_frame_salience,
     density_peak_scores,
     merge_into_anchors,
-    pool_to_tokens,
     split_budget,
     window_prune_rate,
 )
-from ep_kit.reducers.pyramiddrop import PyramidDrop, effective_budget, pyramiddrop_for_budget
+from ep_kit.reducers.pyramiddrop import (
+    MatchFinalStage,
+    MatchLayerAverage,
+    PyramidDrop,
+    effective_budget,
+    pyramiddrop_for_budget,
+)
 from ep_kit.reducers.random import RandomReducer
+from ep_kit.scorers import NormScorer
 from ep_kit.sequence import Modality, TokenSequence
 
 # ------------------------------------------------------------------ helpers
@@ -99,7 +105,7 @@ def test_attention_row_matches_transformers_eager_weights(tiny_model, tiny_confi
         seq = model.embed(batch)
         cos_sin = model.rope_embeddings(seq)
         q = query_index(seq)
-        row = attention_row(model.decoder_layers[1], seq.hidden, cos_sin, q, seq.attention_mask)
+        row = decoder_attention_row(model.decoder_layers[1], seq.hidden, cos_sin, q, seq.attention_mask)
         layer = ref.model.language_model.layers[1]
         mask = model.causal.layer_kwargs(seq, "eager", seq.hidden.dtype, exclude_answer_keys=False)[
             "attention_mask"
@@ -154,16 +160,16 @@ def test_fastv_computes_one_row_only(tiny_model, tiny_config, av_batch, av_specs
         shapes.append(tuple(res.shape))
         return res
 
-    monkeypatch.setattr(attention_rank.torch, "einsum", spy)
+    monkeypatch.setattr(attention_probe.torch, "einsum", spy)
     rows: list[tuple[int, ...]] = []
-    real_row = attention_rank.attention_row
+    real_row = attention_probe.decoder_attention_row
 
     def row_spy(*args, **kwargs):
         res = real_row(*args, **kwargs)
         rows.append(tuple(res.shape))
         return res
 
-    monkeypatch.setattr("ep_kit.reducers.fastv.attention_row", row_spy)
+    monkeypatch.setattr("ep_kit.models.omni.decoder_attention_row", row_spy)
     batch = av_batch(cfg, av_specs, with_labels=False)
     with torch.no_grad():
         model(batch)
@@ -248,14 +254,14 @@ def test_pyramiddrop_stages_match_eager_attention(tiny_model, tiny_config, av_ba
 
 def test_pyramiddrop_matched_budget_from_keep_ratio(tiny_model, tiny_config, av_batch, av_specs):
     cfg = tiny_config(num_layers=4)
-    model = tiny_model(cfg, reducer=PyramidDrop(layers=[1, 2, 3], stage_ratio=None), keep_ratio=0.4).eval()
+    model = tiny_model(cfg, reducer=PyramidDrop(layers=[1, 2, 3], stage_ratio=MatchLayerAverage()), keep_ratio=0.4).eval()
     with torch.no_grad():
         out = model(av_batch(cfg, av_specs, with_labels=False))
     lam = out.stats["pyramiddrop_stage_ratio"]
     assert effective_budget(lam, 4, [1, 2, 3]) == pytest.approx(0.4)
     assert out.stats["layer_avg_keep_ratio"] == pytest.approx(0.4, abs=0.05)  # ceil per stage
-    final = PyramidDrop(layers=[1, 2, 3], stage_ratio=None, match="final")
-    assert final.lam(0.125) == pytest.approx(0.5)  # three stages of 1/2 keep 1/8 at the end
+    final = PyramidDrop(layers=[1, 2, 3], stage_ratio=MatchFinalStage())
+    assert final.lam(0.125, num_layers=4) == pytest.approx(0.5)  # three stages of 1/2 keep 1/8 at the end
     with pytest.raises(ValueError, match="first stage"):
         model.reducer.lam(0.2)  # 4 layers, first stage at 1: the layer average never drops below 0.25
 
@@ -341,7 +347,7 @@ def test_intramodal_matches_loop_reference(tiny_model, tiny_config, av_batch, mi
 
 def test_intramodal_norm_rules_and_errors(tiny_model, tiny_config, av_batch, av_specs):
     cfg = tiny_config()
-    model = tiny_model(cfg, reducer=IntraModal(video_rule="norm", audio_rule="norm"), keep_ratio=0.25).eval()
+    model = tiny_model(cfg, reducer=IntraModal(video=NormScorer, audio=NormScorer), keep_ratio=0.25).eval()
     batch = av_batch(cfg, av_specs, with_labels=False)
     with torch.no_grad():
         out = model(batch)
@@ -356,8 +362,8 @@ def test_intramodal_norm_rules_and_errors(tiny_model, tiny_config, av_batch, av_
                 for c in _topk_sources(norms[b], cols, keep_count(len(cols), 0.25))
             }
         assert _kept_av_sources(out.kept, b) == expect
-    with pytest.raises(ValueError, match="video_rule"):
-        IntraModal(video_rule="bogus")
+    with pytest.raises(TypeError, match="video must build a MaskedRule scorer, got Identity"):
+        tiny_model(cfg, reducer=IntraModal(video=torch.nn.Identity), keep_ratio=0.25)
 
 
 # ------------------------------------------------------------------ OmniZip
@@ -509,10 +515,10 @@ def test_generate_with_reduced_prefill_matches_uncached_recompute(
     model = tiny_model(cfg, reducer=make(), keep_ratio=0.3).eval()
     batch = av_batch(cfg, mixed_specs, with_labels=False)
     if isinstance(model.reducer, RandomReducer):
-        model.reducer._generator.manual_seed(3)
+        model.reducer.scorer._gen().manual_seed(3)
     ours = model.generate(batch, max_new_tokens=4)
     if isinstance(model.reducer, RandomReducer):
-        model.reducer._generator.manual_seed(3)
+        model.reducer.scorer._gen().manual_seed(3)
     stages: dict[int, TokenSequence] = {}
     if model.reducer.drop_before_layers:
         calls = _record_in_llm(model)
@@ -551,28 +557,28 @@ def test_generate_with_reduced_prefill_matches_uncached_recompute(
 
 
 def test_every_baseline_recipe_builds_its_reducer_at_its_budget():
-    import importlib
+    """Each row on its evaluation base, parsed and built as ``ep-kit test`` would (ep_kit.recipes.method_from_recipe);
+    tests/test_recipe_methods.py checks the classes against the YAML."""
     from pathlib import Path
 
-    import yaml
+    from ep_kit.recipes import method_configs, method_from_recipe
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     files = sorted((root / "baselines").glob("*_*.yaml")) + sorted(
         (root / "toy" / "baselines").glob("*_*.yaml")
     )
-    assert len(files) == 2 * 5 * 3  # five methods at 20/10/5%, real and toy scale
+    assert len(files) >= 2 * 5 * 3  # (at least) five methods at 20/10/5%, real and toy scale
     for path in files:
-        model = yaml.safe_load(path.read_text())["model"]
+        method = method_from_recipe(method_configs(path))
         pct = int(path.stem.rsplit("_", 1)[1])
-        assert model["keep_ratio"] == pytest.approx(pct / 100), path
-        module, _, name = model["reducer"]["class_path"].rpartition(".")
-        reducer = getattr(importlib.import_module(module), name)(**model["reducer"]["init_args"])
-        if isinstance(reducer, PyramidDrop):
-            reducer.num_layers = 4 if "toy" in path.parts else 36
-            lam = reducer.lam(model["keep_ratio"])  # reachable at that depth
+        assert method.keep_ratio == pytest.approx(pct / 100), path
+        assert method.reducer is not None, path
+        if isinstance(method.reducer, PyramidDrop):
+            depth = 4 if "toy" in path.parts else 36
+            lam = method.reducer.lam(method.keep_ratio, num_layers=depth)  # reachable at that depth
             assert 0 < lam < 1, path
     for full in (root / "baselines" / "full.yaml", root / "toy" / "baselines" / "full.yaml"):
-        assert yaml.safe_load(full.read_text())["model"]["reducer"] is None
+        assert method_from_recipe(method_configs(full)).reducer is None
 
 
 def test_main_table_relative_columns_hand_computed():

@@ -123,22 +123,28 @@ def _write_official(model: OmniThinker, root, ratio: float = 0.2, depth: int = 2
     return state
 
 
-def test_official_checkpoint_loads_exactly(trained, tiny_model, tiny_config, av_batch, av_specs, tmp_path):
+def test_official_checkpoint_loads_exactly(trained, tiny_model, tiny_config, av_batch, av_specs, tmp_path, caplog):
     batch = av_batch(tiny_config(), av_specs)
     state = _write_official(trained, tmp_path / "official")
-    target = tiny_model(tiny_config(), reducer=CS2(num_layers=2), keep_ratio=1.0)
+    target = tiny_model(tiny_config(), reducer=CS2(num_layers=2), keep_ratio=0.2)
     _perturb(target, seed=7)  # every weight differs before loading
-    report = load_official_checkpoint(tmp_path / "official", target)
+    target.keep_ratio = 0.35  # the run's budget, not the checkpoint's compression_ratio (0.2)
+    with caplog.at_level("INFO", logger="ep_kit.models.checkpoint"):
+        report = load_official_checkpoint(tmp_path / "official", target)
     assert report.missing == [] and report.unexpected == []
     assert report.ignored == ["talker.model.embed_tokens.weight"]
-    assert target.keep_ratio == 0.2  # compression_ratio
+    assert target.keep_ratio == 0.35  # the run's keep_ratio wins ...
+    assert report.config["compression_ratio"] == 0.2  # ... the checkpoint's is reported
+    assert "trained at compression_ratio 0.2; this run keeps keep_ratio 0.35" in caplog.text
+    target.keep_ratio = 0.2
     trained.keep_ratio = 0.2
     ref = _outputs(trained, batch)
     torch.testing.assert_close(_outputs(target, batch).logits, ref.logits)
 
     # The same directory through from_pretrained (transformers loads the thinker, the kit the sieve).
-    loaded = OmniThinker.from_pretrained(tmp_path / "official", dtype=torch.float32, reducer=CS2(num_layers=2))
-    assert loaded.keep_ratio == 0.2
+    loaded = OmniThinker.from_pretrained(
+        tmp_path / "official", dtype=torch.float32, reducer=CS2(num_layers=2), keep_ratio=0.2
+    )
     torch.testing.assert_close(_outputs(loaded, batch).logits, ref.logits)
 
     # A state dict works too; strict mode lists what is missing / unexpected.

@@ -7,6 +7,7 @@ token counts and :func:`ep_kit.budget.keep_count`, predictions from a separately
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,16 @@ def test_ckpt_path_does_not_override_command_line_budget(trained):
 
 
 @pytest.mark.slow
+def test_resumed_fit_keeps_the_command_line_configuration(trained, tmp_path):
+    """``fit --ckpt_path``: the checkpoint's saved configuration (keep ratio 0.2) does not replace the given one."""
+    root, ckpt, _ = trained
+    cli = run(["fit", "--config", str(TOY_ROW), *toy_args(root), f"--ckpt_path={ckpt}", "--model.keep_ratio=0.1",
+               f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.model.keep_ratio == pytest.approx(0.1)
+    assert cli.trainer.global_step == 2  # resumed from the end of the fitted epoch: nothing left to train
+
+
+@pytest.mark.slow
 def test_init_from_loads_the_trained_weights(trained):
     root, ckpt, cli = trained
     fresh = run(["validate", "--config", str(TOY_ROW), *toy_args(root), f"--model.init_from={ckpt}"])
@@ -77,6 +88,42 @@ def test_init_from_loads_the_trained_weights(trained):
     for name, value in fresh.model.state_dict().items():
         if name.startswith("model."):
             torch.testing.assert_close(value, state[name], msg=name)
+
+
+@pytest.mark.slow
+def test_load_from_checkpoint_rebuilds_the_fitted_module(trained):
+    """The checkpoint of ``ep-kit fit`` alone rebuilds the module: same components, weights and outputs."""
+    from ep_kit.train.module import EPKitModule
+
+    _, ckpt, cli = trained
+    assert cli.trainer.global_step == 2  # 8 clips, batch 4, one epoch
+    fitted = cli.model
+    loaded = EPKitModule.load_from_checkpoint(ckpt)  # no other argument
+
+    for get in (lambda m: m.model.reducer, lambda m: m.model.reducer.attention, lambda m: m.model.reducer.scorer,
+                lambda m: m.model.reducer.selector, lambda m: m.model.rope, lambda m: m.source,
+                lambda m: m.lr_scheduler_factory(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0),
+                                                 num_training_steps=10)):
+        assert type(get(loaded)) is type(get(fitted))
+    assert loaded.keep_ratio == fitted.keep_ratio == pytest.approx(0.2)
+    assert dict(loaded.hparams) == dict(fitted.hparams)  # so a checkpoint of the rebuilt module rebuilds too
+    assert loaded.model.reducer.num_layers == fitted.model.reducer.num_layers == 2
+    a, b = fitted.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    outputs = []
+    for module in (fitted, loaded):
+        module.eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append((module(batch), module.answer(batch)))
+    (out_a, ans_a), (out_b, ans_b) = outputs
+    torch.testing.assert_close(out_a.logits, out_b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(ans_a["choice_logits"], ans_b["choice_logits"], rtol=0, atol=0)
+    assert torch.equal(out_a.kept.source_index, out_b.kept.source_index)
 
 
 @pytest.mark.slow
@@ -90,10 +137,10 @@ def test_predict_writes_one_answer_per_question(trained, tmp_path):
             str(TOY_ROW),
             *toy_args(root),
             f"--model.init_from={ckpt}",
-            "--trainer.callbacks+=ep_kit.train.callbacks.AnswerWriter",
-            f"--trainer.callbacks.output_path={out}",
+            f"--answers.output_path={out}",
         ]
     )
+    assert not (Path(cli.trainer.log_dir) / "predictions.jsonl").exists()  # one writer, configured above
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     rows_by_id = {r["question_id"]: r for r in rows}
     samples = {s.question_id: s for s in cli.datamodule.source.bench.samples("test")}
@@ -106,11 +153,14 @@ def test_predict_writes_one_answer_per_question(trained, tmp_path):
         assert row["kept_video"] + row["kept_audio"] == keep_count(n_av, 0.2)
 
 
-def test_main_returns_none_for_the_console_script(tmp_path, capsys):
+def test_main_returns_none_for_the_console_script(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(TOY_ROW), "--print_config"])
     assert exc.value.code == 0
-    assert main is not None and "class_path: ep_kit.reducers.CS2" in capsys.readouterr().out
+    assert "class_path: ep_kit.reducers.CS2" in capsys.readouterr().out
+    # the console script runs `sys.exit(main())`: any returned object (the CLI) would exit with status 1
+    monkeypatch.setattr("ep_kit.cli.run", lambda args: object())
+    assert main(["fit"]) is None
 
 
 def test_print_config_round_trips(tmp_path, capsys):
@@ -149,9 +199,9 @@ def test_bad_budget_is_a_clear_error(tmp_path):
         run(["validate", "--config", str(TOY_ROW), *toy_args(tmp_path), "--model.keep_ratio=1.5"])
 
 
-def test_missing_base_without_pretrain_recipe_says_how(tmp_path):
+def test_missing_base_says_how_to_build_it(tmp_path):
     missing = tmp_path / "no_base"
-    with pytest.raises(FileNotFoundError, match="pretrain.yaml"):
+    with pytest.raises(FileNotFoundError, match="python -m ep_kit.toy_base build"):
         run(
             [
                 "validate",
@@ -159,7 +209,6 @@ def test_missing_base_without_pretrain_recipe_says_how(tmp_path):
                 str(TOY_ROW),
                 *toy_args(tmp_path)[1:],
                 f"--model.thinker.init_args.init_from={missing}",
-                "--model.thinker.init_args.pretrain_config=null",
             ]
         )
 

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from ep_kit.masks import Causal, IntraModal
+from ep_kit.masks import Bidirectional, Causal, IntraModal
 from ep_kit.models import OmniThinker
 from ep_kit.reducers import CS2
-from ep_kit.scorers import RandomScorer, SimilarityScorer
+from ep_kit.scorers import NeighbourNoveltyScorer, RandomScorer, SimilarityScorer
 from ep_kit.selectors import GumbelTopK, HardTopK, PerModalityTopK, STETopK
 from ep_kit.sequence import Modality
 
@@ -150,16 +150,30 @@ def test_video_only_candidates_count_k_over_video(tiny_model, tiny_config, av_ba
     assert torch.equal(out.stats["kept_audio"], out.stats["n_audio"])  # audio is not a candidate
 
 
-@pytest.mark.parametrize("mode", [Causal(), IntraModal()])
-def test_attention_modes_change_the_sieve(tiny_model, tiny_config, av_batch, av_specs, mode):
+@pytest.mark.parametrize("mode", [Bidirectional(), Causal(), IntraModal()])
+def test_sieve_attention_mode_decides_which_tokens_one_token_reaches(tiny_model, tiny_config, av_batch, av_specs, mode):
+    """Perturb one video token of sample 0 and see which refined states move: by the mode's rule, all
+    real tokens (bidirectional), the tokens from it on (causal), the video tokens (intra-modal); never
+    the other sample."""
     cfg = tiny_config()
-    batch = av_batch(cfg, av_specs)
-    bidir = tiny_model(cfg, reducer=CS2(num_layers=2), keep_ratio=0.5).eval()
-    other = OmniThinker(bidir.thinker, reducer=CS2(num_layers=2, attention=mode), keep_ratio=0.5).eval()
+    model = tiny_model(cfg, reducer=CS2(num_layers=2, attention=mode), keep_ratio=0.5).eval()
     with torch.no_grad():
-        a, b = _pre_llm(bidir, batch)[1], _pre_llm(other, batch)[1]
-    assert torch.equal(a.attention_mask.sum(-1), b.attention_mask.sum(-1))
-    assert not torch.allclose(a.hidden, b.hidden, atol=1e-4) or not torch.equal(a.source_index, b.source_index)
+        full = model.embed(av_batch(cfg, av_specs))
+        video = (full.modality[0] == int(Modality.VIDEO)).nonzero().flatten().tolist()
+        j = video[1]  # text and a video token before it; video, audio and text after it
+        hidden = full.hidden.clone()
+        hidden[0, j] += torch.randn(hidden.shape[-1])
+        base = model.reducer.encode(full, model)
+        moved = (model.reducer.encode(full.replace(hidden=hidden), model) - base).abs().amax(-1) > 1e-5
+    real = full.attention_mask
+    i = torch.arange(full.seq_len)
+    expected = {
+        "Bidirectional": real[0],
+        "Causal": real[0] & (i >= j),
+        "IntraModal": real[0] & (full.modality[0] == int(Modality.VIDEO)),
+    }[type(mode).__name__]
+    assert torch.equal(moved[0] & real[0], expected)
+    assert not moved[1][real[1]].any()
 
 
 def test_ratio_one_keeps_everything_but_still_sieves(tiny_model, tiny_config, av_batch, av_specs):
@@ -200,8 +214,8 @@ def test_cs2_errors(tiny_model, tiny_config):
 @pytest.mark.parametrize(
     "scorer, selector",
     [
-        (lambda d: SimilarityScorer(d, reference="instruction"), HardTopK()),
-        (lambda d: SimilarityScorer(d, reference="neighbour"), HardTopK()),
+        (SimilarityScorer, HardTopK()),
+        (NeighbourNoveltyScorer, HardTopK()),
         (lambda d: RandomScorer(d, seed=3), HardTopK()),
         (None, GumbelTopK()),
         (None, PerModalityTopK(STETopK())),

@@ -20,10 +20,12 @@ from transformers import AutoConfig, Qwen2_5OmniProcessor
 
 from ep_kit.cli import nested_nulls, run
 from ep_kit.data.benchmarks import BENCHMARK_GROUPS, read_benchmark
+from ep_kit.recipes import config_args
 from ep_kit.standin import Standin, benchmark_entries
 
 RECIPES = REPO / "recipes"
-#: recipes that evaluate only (``ep-kit test``); every other top-level recipe trains.
+#: recipes that evaluate only (``ep-kit test``); every other top-level recipe trains (budget and
+#: ablation overlays on ``cs2_ste_20.yaml``, which they run on: :func:`ep_kit.recipes.config_args`).
 EVAL_ONLY = {"eval_3b", "eval_7b"}
 #: overlays (not complete configs): tested through the recipes that use them.
 OVERLAYS = {"eval_benchmarks"}
@@ -115,12 +117,12 @@ def callback_metrics(cli) -> dict[str, float]:
 @pytest.mark.parametrize("recipe", TRAIN, ids=lambda p: p.stem)
 def test_training_recipe_fits_then_tests_on_every_benchmark(recipe, standin, tmp_path):
     cache = tmp_path.parent / "sample-cache"  # shared by the recipes: same samples
-    fit = run(["fit", "--config", str(recipe), *overlays(standin, "train", tmp_path / "fit", cache),
+    fit = run(["fit", *config_args(recipe), *overlays(standin, "train", tmp_path / "fit", cache),
                "--trainer.max_steps=2"])
     assert fit.trainer.global_step == 2
     ckpt = Path(fit.trainer.checkpoint_callback.dirpath) / "last.ckpt"
     assert ckpt.is_file()
-    test = run(["test", "--config", str(recipe), "--config", str(RECIPES / "eval_benchmarks.yaml"),
+    test = run(["test", *config_args(recipe), "--config", str(RECIPES / "eval_benchmarks.yaml"),
                 *overlays(standin, "eval", tmp_path / "test", cache), f"--model.init_from={ckpt}"])
     metrics = callback_metrics(test)
     check_test_metrics(metrics)

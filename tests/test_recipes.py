@@ -1,5 +1,7 @@
 """Every shipped recipe (real and toy scale) parses, carries the paper's settings and instantiates.
 
+Budget and ablation rows are overlays on the scale's ``cs2_ste_20.yaml`` and run on it
+(:func:`ep_kit.recipes.config_args`); ``test_recipe_files.py`` parses every YAML file under ``recipes/``.
 Real-scale recipes point at the stand-in checkpoint (``ep_kit.standin``: the released layout and
 head_dim 128, so the 64-pair Sync-RoPE layout binds); ``test_real_scale.py`` runs them end to end.
 """
@@ -14,6 +16,7 @@ from _toy import REPO, toy_args
 from ep_kit.cli import EPKitCLI, run
 from ep_kit.data import AVDataModule
 from ep_kit.masks import Bidirectional, Causal, IntraModal
+from ep_kit.recipes import config_args
 from ep_kit.reducers import CS2
 from ep_kit.rope import SyncRoPE, TMRoPE
 from ep_kit.scorers import MLPScorer, SimilarityScorer
@@ -59,9 +62,10 @@ class ParseOnlyCLI(EPKitCLI):
 
 
 def parse(path: Path, *extra: str):
+    """The parsed config of ``path`` as it runs: an overlay on its base, a whole recipe alone."""
     return ParseOnlyCLI(
         EPKitModule, AVDataModule, subclass_mode_data=True, auto_configure_optimizers=False, run=False,
-        args=["--config", str(path), *extra],
+        args=[*config_args(path), *extra],
     ).config
 
 
@@ -78,7 +82,9 @@ def test_real_recipe_has_the_paper_settings(path):
     assert (t.strategy, t.precision, t.devices, t.max_epochs) == ("deepspeed_stage_2", "bf16-mixed", 4, 1)
     m = cfg.model
     assert m.optimizer.class_path == "torch.optim.AdamW" and m.optimizer.init_args.lr == pytest.approx(2e-5)
-    assert (m.warmup_ratio, m.schedule, m.train_llm, m.freeze_encoders) == (0.05, "cosine", True, True)
+    assert m.lr_scheduler.class_path == "ep_kit.train.schedules.WarmupCosine"
+    assert (m.lr_scheduler.init_args.warmup_ratio, m.lr_scheduler.init_args.min_lr_ratio) == (0.05, 0.0)
+    assert (m.train_llm, m.freeze_encoders) == (True, True)
     assert m.reducer.init_args.num_layers == 4
     d = cfg.data.init_args
     assert (d.batch_size, d.max_frames, d.use_audio_in_video) == (2, 120, True)
@@ -90,8 +96,7 @@ def test_real_recipe_has_the_paper_settings(path):
 def test_real_recipe_instantiates_on_a_standin_checkpoint(path, standin, tmp_path):
     cli = run(
         [
-            "--config",
-            str(path),
+            *config_args(path),
             f"--model.thinker.init_args.path={standin.model}",
             "--model.thinker.init_args.dtype=float32",
             "--trainer.accelerator=cpu",
@@ -109,7 +114,7 @@ def test_real_recipe_instantiates_on_a_standin_checkpoint(path, standin, tmp_pat
 
 @pytest.mark.parametrize("path", TOY, ids=lambda p: p.stem)
 def test_toy_recipe_instantiates(path, tmp_path):
-    cli = run(["--config", str(path), *toy_args(tmp_path)], run_subcommand=False)
+    cli = run([*config_args(path), *toy_args(tmp_path)], run_subcommand=False)
     assert cli.datamodule.processor_source == "tiny"
     if path.stem == "pretrain":
         assert cli.model.model.reducer is None and cli.model.hparams.export_thinker

@@ -3,9 +3,10 @@ in-epoch checkpoints of the toy trainer.
 
 * The training loader shards a ``(seed, epoch)`` permutation over ranks and keeps its position: a run
   interrupted mid-epoch and restored from rank 0's state trains every sample of the epoch exactly
-  once (checked in-process with explicit ranks, and end to end on a 2-process CPU DDP ``ep-kit fit``
-  killed mid-epoch, whose final weights equal the uninterrupted run's). A mid-epoch resume with
-  another dataset size, batch size or world size is refused, saying what changed and what to do.
+  once (the loader on its own, with explicit ranks, and the refusal of a mid-epoch resume with another
+  dataset size, batch size or world size: ``test_resumable.py``; here, Lightning's loop restoring it,
+  and end to end a 2-process CPU DDP ``ep-kit fit`` killed mid-epoch, whose final weights equal the
+  uninterrupted run's).
 * A batch without audio/video tokens leaves the CS2 sieve and scorer out of the loss; training_step
   gives them zero gradients, so 2-process DDP trains instruction data with text-only rows.
 * The toy trainer writes ``last.ckpt`` within an epoch (every 10 steps) and at the end of training.
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -45,131 +44,6 @@ from ep_kit.train import EPKitModule, StopAfterSteps, TinyThinker
 
 TESTS = Path(__file__).resolve().parent
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
-
-
-# ------------------------------------------------------------------ sharded, resumable sampling
-def _rank_loaders(n: int, batch_size: int, world: int, seed: int = 7) -> list[ResumableDataLoader]:
-    return [
-        ResumableDataLoader(list(range(n)), batch_size=batch_size, seed=seed, num_replicas=world, rank=r)
-        for r in range(world)
-    ]
-
-
-def _start_epoch(loader: ResumableDataLoader, epoch: int) -> None:
-    """What Lightning's fit loop does at the start of every epoch (also after restoring the state)."""
-    loader.sampler.set_epoch(epoch)
-
-
-def _flat(batches: list[Any]) -> list[int]:
-    return [int(i) for b in batches for i in b]
-
-
-@pytest.mark.parametrize("epoch", [0, 1])
-def test_two_ranks_interrupted_and_restored_train_the_epoch_exactly_once(epoch):
-    n, batch_size, world, done = 14, 3, 2, 2  # 7 samples per rank: batches of 3, 3, 1
-    full = []
-    for loader in _rank_loaders(n, batch_size, world):
-        _start_epoch(loader, epoch)
-        full.append([b.tolist() for b in loader])
-    assert Counter(_flat(full[0]) + _flat(full[1])) == Counter(range(n))  # the uninterrupted epoch
-
-    before, states = [], []
-    for loader in _rank_loaders(n, batch_size, world):
-        _start_epoch(loader, epoch)
-        it = iter(loader)
-        before.append([next(it).tolist() for _ in range(done)])
-        states.append(loader.state_dict())
-    assert states[0] == states[1]  # rank-agnostic: every rank restores from rank 0's copy in the checkpoint
-
-    after = []
-    for loader in _rank_loaders(n, batch_size, world):
-        loader.load_state_dict(states[0])
-        _start_epoch(loader, epoch)
-        after.append([b.tolist() for b in loader])
-    trained = [i for r in range(world) for i in _flat(before[r]) + _flat(after[r])]
-    assert Counter(trained) == Counter(range(n))  # each sample exactly once over both ranks
-    for r in range(world):
-        assert before[r] + after[r] == full[r]  # and each rank's batches are the uninterrupted ones
-        assert len(after[r]) == math.ceil(math.ceil(n / world) / batch_size) - done
-
-
-def test_epochs_reshuffle_and_shards_follow_the_distributed_sampler_padding():
-    """Padded as by ``DistributedSampler(drop_last=False)``: 7 samples on 2 ranks repeat the first."""
-    n, world = 7, 2
-    loaders = _rank_loaders(n, 2, world)
-    orders = []
-    for epoch in (0, 1):
-        shards = []
-        for r, loader in enumerate(loaders):
-            _start_epoch(loader, epoch)
-            perm = loader.sampler.order()  # the epoch's permutation, the same on every rank
-            assert sorted(perm) == list(range(n)) and perm == loaders[0].sampler.order()
-            # independent rule: torch's own DistributedSampler over the positions of the permutation
-            positions = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)
-            shards.append(_flat(list(loader)))
-            assert shards[r] == [perm[p] for p in positions]
-        assert Counter(shards[0] + shards[1]) == Counter(list(range(n)) + [perm[0]])
-        orders.append(perm)
-    assert orders[0] != orders[1]  # reshuffled every epoch
-    # Lightning injects its own DistributedSampler only into loaders whose sampler is not one.
-    assert all(isinstance(loader.sampler, DistributedSampler) for loader in loaders)
-
-
-def _mid_epoch_state(n: int, batch_size: int, world: int, done: int) -> dict[str, int]:
-    loader = _rank_loaders(n, batch_size, world)[0]
-    it = iter(loader)
-    for _ in range(done):
-        next(it)
-    return loader.state_dict()
-
-
-def test_mismatched_mid_epoch_resume_is_refused_with_old_and_new_values():
-    state = _mid_epoch_state(12, 2, 2, done=2)  # 6 samples per rank: 3 batches, 2 done
-    cases = [
-        ((14, 2, 2), ["dataset size 12 -> 14"]),
-        ((12, 3, 2), ["batch size 2 -> 3"]),
-        ((12, 2, 1), ["world size (data-parallel processes) 2 -> 1"]),
-        ((10, 4, 4), ["dataset size 12 -> 10", "batch size 2 -> 4",
-                      "world size (data-parallel processes) 2 -> 4"]),
-    ]
-    for (n, batch_size, world), changes in cases:
-        loader = ResumableDataLoader(list(range(n)), batch_size=batch_size, seed=7, num_replicas=world)
-        with pytest.raises(ValueError) as err:
-            loader.load_state_dict(state)
-        message = str(err.value)
-        for change in changes:
-            assert change in message
-        assert "epoch 0, 2 of 3 batches per rank done" in message
-        assert "Resume with the old setting" in message and "--model.init_from=CHECKPOINT" in message
-    loader = ResumableDataLoader(list(range(12)), batch_size=2, seed=7, num_replicas=2, rank=0)
-    with pytest.raises(ValueError) as err:
-        loader.load_state_dict({**state, "seed": 3})
-    assert str(err.value) == (
-        "cannot resume the training data mid-epoch: seed 3 -> 7 since the checkpoint was written (epoch 0, "
-        "2 of 3 batches per rank done), so the rest of that epoch cannot be replayed without repeating or "
-        "skipping samples. Resume with the old setting, resume from a checkpoint written at the end of an "
-        "epoch, or restart the epoch with a fresh run from these weights (--model.init_from=CHECKPOINT "
-        "instead of --ckpt_path)"
-    )
-
-
-def test_single_process_resume_refuses_a_changed_dataset_or_batch_size():
-    state = _mid_epoch_state(12, 4, 1, done=1)  # 3 batches, 1 done
-    for n, batch_size, change in ((10, 4, "dataset size 12 -> 10"), (12, 3, "batch size 4 -> 3")):
-        loader = ResumableDataLoader(list(range(n)), batch_size=batch_size, seed=7)
-        with pytest.raises(ValueError, match=re.escape(change)):
-            loader.load_state_dict(state)
-
-
-def test_an_epoch_boundary_state_starts_the_next_epoch_whatever_changed():
-    for done in (0, 3):  # nothing or all of the 3 batches: nothing to replay
-        state = _mid_epoch_state(12, 4, 1, done=done)
-        loader = ResumableDataLoader(list(range(10)), batch_size=2, seed=7, num_replicas=2, rank=1)
-        loader.load_state_dict(state)
-        _start_epoch(loader, 1)
-        fresh = ResumableDataLoader(list(range(10)), batch_size=2, seed=7, num_replicas=2, rank=1)
-        _start_epoch(fresh, 1)
-        assert [b.tolist() for b in loader] == [b.tolist() for b in fresh]
 
 
 # --------------------------------------------- Lightning: the loop restores the loader's position
@@ -355,7 +229,7 @@ def test_ddp_fit_killed_mid_epoch_resumes_every_sample_once_and_to_the_same_weig
     def args(name: str) -> list[str]:
         return ["--config", str(TOY_ROW), *toy_args(tmp_path, num_train=16, num_val=2, num_test=2, epochs=1),
                 "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2",
-                "--model.print_metrics=false", "--model.schedule=constant", "--model.warmup_ratio=0",
+                "--model.print_metrics=false", "--model.lr_scheduler=null",
                 f"--trainer.logger.init_args.save_dir={tmp_path / name}", *DDP]
 
     record = "_record.RecordSamples"

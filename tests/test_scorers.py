@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from ep_kit.scorers import MLPScorer, RandomScorer, SimilarityScorer
+from ep_kit.scorers import (
+    MLPScorer,
+    NeighbourNoveltyScorer,
+    NormScorer,
+    PerModalityScorer,
+    RandomScorer,
+    SimilarityScorer,
+)
 from ep_kit.sequence import Modality, TokenSequence
 
 T, V, A, P = int(Modality.TEXT), int(Modality.VIDEO), int(Modality.AUDIO), int(Modality.PAD)
@@ -39,7 +46,6 @@ def test_mlp_scorer_layout_and_float64_reference():
         "score_head.2.bias",
         "score_head.2.weight",
     ]
-    assert scorer.trainable
     x = torch.randn(2, 5, 16)
     seq = make_seq(x, [[T, V, V, A, T], [V, A, P, P, P]])
     out = scorer(seq)
@@ -79,31 +85,45 @@ def test_instruction_similarity_hand_case():
         ]
     )
     seq = make_seq(hidden, [[T, T, V, A, T], [V, A, T, P, P]], answer=[[0, 0, 0, 0, 1], [0, 0, 1, 0, 0]])
-    scorer = SimilarityScorer(4, reference="instruction")
+    scorer = SimilarityScorer(4)
     s = scorer(seq)
     r = 1 / math.sqrt(2)
     torch.testing.assert_close(s[0], torch.tensor([r, r, r, 0.0, 0.0]))
     torch.testing.assert_close(s[1], torch.tensor([r, r, 0.0, 0.0, 0.0]))
-    assert not scorer.trainable and len(list(scorer.parameters())) == 0
+    assert len(list(scorer.parameters())) == 0
 
 
 def test_neighbour_novelty_hand_case():
     a, b, c = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 1.0])
-    # T, V(a), V(2a), A(b), V(c), A(-b), T(a)
-    hidden = torch.stack([a, a, 2 * a, b, c, -b, a])[None]
-    seq = make_seq(hidden, [[T, V, V, A, V, A, T]])
-    s = SimilarityScorer(3, reference="neighbour")(seq)
-    # first of each modality: 2 (max); V(2a) repeats V(a): 0; V(c) vs V(2a): 1; A(-b) vs A(b): 2; T(a) vs T(a): 0
-    torch.testing.assert_close(s[0], torch.tensor([2.0, 2.0, 0.0, 2.0, 1.0, 2.0, 0.0]))
+    # T, V(a), V(2a), A(b), V(c), A(-b), T(a), A(b + c)
+    hidden = torch.stack([a, a, 2 * a, b, c, -b, a, b + c])[None]
+    seq = make_seq(hidden, [[T, V, V, A, V, A, T, A]])
+    s = NeighbourNoveltyScorer(3)(seq)
+    # Per modality, 1 - cos with the previous token of that modality; the first compares with the next.
+    # T: a vs a -> 0, 0.  V: a vs 2a (next) 0; 2a vs a 0; c vs 2a 1.  A: b vs -b (next) 2; -b vs b 2;
+    # b+c vs -b: 1 + 1/sqrt(2).
+    expected = torch.tensor([0.0, 0.0, 0.0, 2.0, 1.0, 2.0, 0.0, 1 + 1 / math.sqrt(2)])
+    torch.testing.assert_close(s[0], expected)
+    # Scored over one pool only, a lone token scores 0.
+    lone = NeighbourNoveltyScorer(3).score(seq, seq.is_modality(Modality.VIDEO) & (torch.arange(8) == 4))
+    assert lone.abs().sum() == 0
+
+
+def test_rule_scorers_per_modality_and_norm():
+    hidden = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [6.0, 8.0]]])
+    seq = make_seq(hidden, [[T, V, A, V]])
+    norms = NormScorer(2)(seq)
+    torch.testing.assert_close(norms[0], torch.tensor([5.0, 1.0, 2.0, 10.0]))
+    # Video by norm, audio by neighbour novelty (lone audio token: 0); text scores 0.
+    mixed = PerModalityScorer(2, video=NormScorer, audio=NeighbourNoveltyScorer)(seq)
+    torch.testing.assert_close(mixed[0], torch.tensor([0.0, 1.0, 0.0, 10.0]))
 
 
 def test_similarity_scores_carry_no_gradient():
     hidden = torch.randn(1, 4, 6, requires_grad=True)
     seq = make_seq(hidden.detach(), [[T, V, A, V]]).replace(hidden=hidden)
-    for ref in ("instruction", "neighbour"):
-        assert not SimilarityScorer(6, reference=ref)(seq).requires_grad
-    with pytest.raises(ValueError, match="reference must be 'instruction' or 'neighbour', got 'nearest'"):
-        SimilarityScorer(6, reference="nearest")
+    for scorer in (SimilarityScorer(6), NeighbourNoveltyScorer(6), PerModalityScorer(6)):
+        assert not scorer(seq).requires_grad
 
 
 def test_random_scorer_seeded_and_uniform():
@@ -115,5 +135,4 @@ def test_random_scorer_seeded_and_uniform():
     assert not torch.equal(a(seq), sa)  # the generator advances
     assert (sa >= 0).all() and (sa < 1).all() and 0.3 < sa.mean() < 0.7
     assert torch.equal(torch.rand(3, 50, generator=torch.Generator().manual_seed(3)), sa)
-    assert not a.trainable
     copy.deepcopy(a)  # modules get deep-copied by Lightning / config tools

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ep_kit.data.benchmarks import (
@@ -527,11 +526,6 @@ class AVDataModule(L.LightningDataModule):
         return loaders[0] if len(loaders) == 1 else loaders
 
 
-def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """Move the tensors of a batch to ``device`` (lists and flags stay)."""
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 __all__ = [
     "AVDataModule",
     "BenchmarkSource",
@@ -540,7 +534,6 @@ __all__ = [
     "InstructSource",
     "MCDataset",
     "SyntheticSource",
-    "batch_to",
     "harness_prompt",
     "short_prompt",
 ]

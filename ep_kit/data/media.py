@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as tvF
 from torch import Tensor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from ep_kit.models.hf import smart_resize
 
 #: Qwen2.5-Omni's video defaults (pixels per frame, frames, frame factor).
 PATCH_FACTOR = 28
@@ -294,16 +295,6 @@ def _positions(indices: list[int]) -> list[int]:
     """Map sampled frame indices (possibly repeated) to positions in the deduplicated kept list."""
     order = {frame: i for i, frame in enumerate(sorted(set(indices)))}
     return [order[i] for i in indices]
-
-
-def has_audio_stream(path: str | Path) -> bool:
-    """Whether the media file carries an audio stream."""
-    p = _check_exists(path, "media")
-    container = _open(p, "media")
-    try:
-        return bool(container.streams.audio)
-    finally:
-        container.close()
 
 
 def audio_duration(path: str | Path) -> float | None:

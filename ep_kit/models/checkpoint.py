@@ -18,12 +18,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -31,7 +32,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ep_kit.budget import check_ratio
-from ep_kit.models.omni import OmniThinker
+
+if TYPE_CHECKING:  # pragma: no cover - the wrapper imports this module, never the other way round
+    from ep_kit.models.omni import OmniThinker
+
+log = logging.getLogger(__name__)
 
 KIT_WEIGHTS = "ep_kit_weights.safetensors"
 KIT_CONFIG = "ep_kit_config.json"
@@ -90,15 +95,7 @@ def component_config(model: OmniThinker, include_llm: bool = False) -> dict[str,
     red = model.reducer
     reducer_cfg = None
     if red is not None:
-        reducer_cfg = {"class": f"{type(red).__module__}.{type(red).__qualname__}"}
-        for name in ("num_layers", "prefusion"):
-            if hasattr(red, name):
-                reducer_cfg[name] = getattr(red, name)
-        if hasattr(red, "attention"):
-            reducer_cfg["attention"] = type(red.attention).__name__
-        scorer = getattr(red, "scorer", None)
-        if scorer is not None:
-            reducer_cfg["scorer"] = type(scorer).__name__
+        reducer_cfg = {"class": f"{type(red).__module__}.{type(red).__qualname__}", **red.component_fields()}
     return {
         "format": FORMAT,
         "version": 1,
@@ -173,8 +170,8 @@ def export_hf(model: OmniThinker, directory: str | Path) -> Path:
     cfg_file = root / "config.json"
     cfg = json.loads(cfg_file.read_text())
     red = model.reducer
-    if red is not None and hasattr(red, "num_layers"):
-        cfg.setdefault("text_config", {})["av_refiner_layers"] = int(red.num_layers)
+    if red is not None and red.sieve_layers > 0:
+        cfg.setdefault("text_config", {})["av_refiner_layers"] = int(red.sieve_layers)
     cfg.setdefault("text_config", {})["compression_ratio"] = model.keep_ratio
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     save_kit_weights(model, root, include_llm=False)
@@ -245,9 +242,11 @@ def load_official_checkpoint(
 ) -> LoadReport:
     """Load an official EchoingPixels checkpoint (directory or state dict) into ``model``.
 
-    The text config fields ``av_refiner_layers`` (sieve depth, must equal the CS2 reducer's
-    ``num_layers``) and ``compression_ratio`` (becomes ``model.keep_ratio``) are read from the
-    directory's ``config.json`` or from ``config``. ``extras_only`` loads only the sieve and scorer
+    The text config fields ``av_refiner_layers`` (sieve depth, must equal the reducer's
+    ``sieve_layers``) and ``compression_ratio`` are read from the directory's ``config.json`` or from
+    ``config``. The compression ratio the checkpoint was trained at is reported
+    (``report.config``, and logged) but never replaces the run's ``model.keep_ratio``: the budget
+    is chosen at run time. ``extras_only`` loads only the sieve and scorer
     (the thinker was already loaded by transformers). ``strict`` raises ``ValueError`` listing
     missing and unexpected keys.
     """
@@ -262,14 +261,15 @@ def load_official_checkpoint(
     depth = text_cfg.get("av_refiner_layers")
     red = model.reducer
     if depth is not None:
-        if red is None or not hasattr(red, "num_layers"):
+        if red is None or red.sieve_layers == 0:
             raise ValueError(f"{name}: checkpoint has a sieve (av_refiner_layers={depth}) but the model has no CS2 reducer")
-        if int(depth) != int(red.num_layers):
+        if int(depth) != int(red.sieve_layers):
             raise ValueError(
-                f"{name}: av_refiner_layers={depth} but the model's CS2 reducer has num_layers={red.num_layers}"
+                f"{name}: av_refiner_layers={depth} but the model's CS2 reducer has num_layers={red.sieve_layers}"
             )
     if text_cfg.get("compression_ratio") is not None:
-        model.keep_ratio = check_ratio(text_cfg["compression_ratio"], f"{name}: compression_ratio")
+        trained = check_ratio(text_cfg["compression_ratio"], f"{name}: compression_ratio")
+        log.info("%s was trained at compression_ratio %s; this run keeps keep_ratio %s", name, trained, model.keep_ratio)
 
     mapped: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -298,7 +298,7 @@ def load_extras_from_dir(model: OmniThinker, root: Path) -> LoadReport | None:
     keys = _dir_keys(root)
     if not any(_SIEVE.match(k.removeprefix("thinker.")) or "model.compressor." in k for k in keys):
         return None
-    if model.reducer is None or not hasattr(model.reducer, "num_layers"):
+    if model.reducer is None or model.reducer.sieve_layers == 0:
         warnings.warn(f"{root} holds official sieve weights but no CS2 reducer was given: not loaded", stacklevel=3)
         return None
     with torch.no_grad():

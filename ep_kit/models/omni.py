@@ -16,13 +16,16 @@ transformers decoder layers run on the kept tokens, but the loop is ours so that
 With ``keep_ratio=1.0``, ``reducer=None`` and TMRoPE, :meth:`OmniThinker.forward` reproduces the stock
 ``Qwen2_5OmniThinkerForConditionalGeneration`` logits (tested for sdpa and eager).
 
-Building blocks for reducers and baselines (all on :class:`~ep_kit.sequence.TokenSequence`):
-``embed(batch)`` (merged, right-padded, full positions), ``context(seq, batch)``,
-``reduce_before_llm(seq, ctx)``, ``run_llm(seq, ctx, cache)`` (decoder with in-LLM drops),
-``run_layers(seq, start, end, cache)`` (plain causal run of decoder layers ``[start, end)``),
-``rope_embeddings(seq)`` (cos, sin), ``causal_kwargs(seq)`` (mask kwargs for the backend),
-``decoder_layers``, ``final_norm``, ``lm_head``, ``embed_tokens``, ``candidate_mask(seq)``,
-``hidden_size``, ``num_layers``, ``head_dim``, ``attn_implementation``.
+One prefill path: :meth:`OmniThinker.prefill` (embed -> reduction context -> pre-LLM reduction ->
+decoder with in-LLM drops, optional KV cache and timing marks) is what :meth:`~OmniThinker.forward`,
+:meth:`~OmniThinker.generate`, the evaluation answers and the efficiency benchmark run. Its steps
+are public for reducers' tests and notebooks: ``embed(batch)``, ``context(seq, batch)``,
+``reduce_before_llm(seq, ctx)``, ``run_llm(seq, ctx, cache)``, ``run_layers(seq, start, end, cache)``.
+
+Reducers see this class only through :class:`~ep_kit.reducers.base.ReducerHost`: ``num_layers``,
+``hidden_size``, ``dtype``, ``device``, ``positions_per_second``, ``rope_embeddings(seq)``,
+``copy_decoder_layers(n)``, ``run_layer_copies(layers, seq, attention)``,
+``attention_row(layer, seq, query)``, ``enable_audio_salience()``, ``audio_token_salience(batch)``.
 
 Tested transformers range: 5.24 (the layout ``thinker.model.{audio_tower, visual, language_model}``
 and the ``cache=`` keyword of decoder layers).
@@ -30,9 +33,11 @@ and the ``cache=`` keyword of decoder layers).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +52,9 @@ from transformers import (
 )
 
 from ep_kit.budget import check_ratio
-from ep_kit.masks import Causal
+from ep_kit.masks import AttentionMode, Causal
+from ep_kit.models.attention import AudioSalienceProbe, decoder_attention_row
+from ep_kit.models.checkpoint import load_extras_from_dir
 from ep_kit.reducers.base import ReductionContext, TokenReducer
 from ep_kit.rope import MultiAxisRoPE, TMRoPE
 from ep_kit.sequence import Modality, TokenSequence, answer_span
@@ -82,6 +89,30 @@ class OmniOutput:
     logits: Tensor
     kept: TokenSequence
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prefill:
+    """Result of :meth:`OmniThinker.prefill`: everything one reduced prefill produced.
+
+    Attributes:
+        full: the merged input sequence before any reduction (embeddings, full positions).
+        kept: the sequence the last decoder layer ran on, right padded, original positions,
+            ``hidden`` = that layer's output (before the final norm).
+        context: the reduction context (budget, candidate pool, reducer diagnostics in ``stats``).
+        key_masks: ``key_masks[i]`` = ``(B, L_i)`` padding mask of the keys decoder layer ``i`` saw
+            (and cached): what decoding attends to.
+        stats: :meth:`OmniThinker.budget_stats` of this prefill.
+        marks: timing marks from ``clock()`` at start, after embedding (encoders), after the pre-LLM
+            reduction (sieve) and after the decoder; empty without a clock.
+    """
+
+    full: TokenSequence
+    kept: TokenSequence
+    context: ReductionContext
+    key_masks: list[Tensor]
+    stats: dict[str, Any]
+    marks: list[Any] = field(default_factory=list)
 
 
 def _load_json(path: Path) -> dict:
@@ -131,6 +162,29 @@ def ensure_vision_start_token(config: Qwen2_5OmniThinkerConfig) -> None:
         "thinker config has no vision_start_token_id and its video_token_id "
         f"{config.video_token_id} matches no known vocabulary: set config.vision_start_token_id"
     )
+
+
+def random_thinker(
+    config: Qwen2_5OmniThinkerConfig,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Qwen2_5OmniThinkerForConditionalGeneration:
+    """The real transformers thinker with random weights, created directly on ``device`` in ``dtype``.
+
+    No float32 CPU copy is made first (a 7B thinker in bf16 goes straight to the GPU). The attention
+    backend is the config's (``sdpa`` when unset).
+    """
+    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return Qwen2_5OmniThinkerForConditionalGeneration._from_config(
+                config, attn_implementation=attn, **({"dtype": dtype} if dtype is not None else {})
+            )
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class OmniThinker(nn.Module):
@@ -190,6 +244,7 @@ class OmniThinker(nn.Module):
             )
         self.candidate_modalities = tuple(dict.fromkeys(names))
         self.causal = Causal()
+        self._audio_probe: AudioSalienceProbe | None = None
         self.set_encoders_trainable(not freeze_encoders)
         self.set_llm_trainable(train_llm)
         self.reducer = reducer
@@ -198,11 +253,18 @@ class OmniThinker(nn.Module):
 
     # ----------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: Qwen2_5OmniThinkerConfig, **components: Any) -> OmniThinker:
-        """Random-weight thinker from a config (tests, synthetic benchmarks); ``components`` go to ``__init__``."""
-        attn = getattr(config, "_attn_implementation", None) or "sdpa"
-        thinker = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config, attn_implementation=attn)
-        return cls(thinker, **components)
+    def from_config(
+        cls,
+        config: Qwen2_5OmniThinkerConfig,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **components: Any,
+    ) -> OmniThinker:
+        """Random-weight thinker from a config (tests, synthetic and efficiency benchmarks).
+
+        ``dtype``/``device``: see :func:`random_thinker`; ``components`` go to ``__init__``.
+        """
+        return cls(random_thinker(config, dtype=dtype, device=device), **components)
 
     @classmethod
     def from_pretrained(
@@ -242,9 +304,7 @@ class OmniThinker(nn.Module):
             str(path), config=config, dtype=dtype, attn_implementation=attn_implementation
         )
         model = cls(thinker, **components)
-        from ep_kit.models import checkpoint  # local import: checkpoint imports this module
-
-        checkpoint.load_extras_from_dir(model, Path(path))
+        load_extras_from_dir(model, Path(path))
         return model
 
     # --------------------------------------------------------------- trainables
@@ -261,15 +321,26 @@ class OmniThinker(nn.Module):
     def gradient_checkpointing_enable(self, use_reentrant: bool = False) -> None:
         """Activation checkpointing for the encoders, the decoder layers AND the reducer's layer copies.
 
-        (transformers' own switch only reaches modules under the thinker; the sieve's copies are not.)
+        transformers' own switch only reaches modules under the thinker; the sieve's copies (and any
+        other transformers layer a reducer holds) get the same checkpointing function here.
         """
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         self.thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-        func = getattr(self.decoder_layers[0], "_gradient_checkpointing_func", None)
-        if self.reducer is not None and func is not None:
-            for module in self.reducer.modules():
-                if hasattr(module, "gradient_checkpointing"):
-                    module._gradient_checkpointing_func = func
-                    module.gradient_checkpointing = True
+        func = next(
+            (
+                m._gradient_checkpointing_func
+                for m in self.thinker.modules()
+                if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+            ),
+            None,
+        )
+        if func is None:
+            return
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.gradient_checkpointing = True
+                module._gradient_checkpointing_func = func
 
     # -------------------------------------------------------------- properties
     @property
@@ -319,6 +390,71 @@ class OmniThinker(nn.Module):
     def pad_token_id(self) -> int:
         pad = self.text_config.pad_token_id
         return int(pad) if pad is not None else 0
+
+    # ------------------------------------------------------------ reducer host
+    # The narrow interface reducers use (ep_kit.reducers.base.ReducerHost): sizes, rotary embeddings,
+    # running layer copies with a mask mode, one attention row of a decoder layer, encoder-side
+    # salience. Nothing else of transformers is visible to them.
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the decoder weights (what new reducer modules are created in)."""
+        return self.decoder_layers[0].input_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder_layers[0].input_layernorm.weight.device
+
+    @property
+    def positions_per_second(self) -> float:
+        """Temporal rotary positions per second of media (``position_id_per_seconds``, 25 in the release)."""
+        return float(getattr(self.config, "position_id_per_seconds", 25))
+
+    def copy_decoder_layers(self, count: int) -> nn.ModuleList:
+        """Trainable deep copies of decoder layers ``0..count-1`` (CS2's sieve is initialised from them)."""
+        if not 0 < count <= self.num_layers:
+            raise ValueError(f"cannot copy {count} layers of a {self.num_layers}-layer decoder")
+        layers = nn.ModuleList(copy.deepcopy(self.decoder_layers[i]) for i in range(count))
+        return layers.requires_grad_(True)
+
+    def run_layer_copies(self, layers: nn.ModuleList, seq: TokenSequence, attention: AttentionMode) -> Tensor:
+        """Run ``layers`` (copies made by :meth:`copy_decoder_layers`) on ``seq`` under ``attention``.
+
+        Answer tokens are never keys (nothing leaks from the answer); positions are ``seq.positions``
+        through the model's rotary module. Returns the last layer's hidden states.
+        """
+        cfg = getattr(layers[0].self_attn, "config", None) if len(layers) else None
+        impl = getattr(cfg, "_attn_implementation", None) or self.attn_implementation
+        cos_sin = self.rope_embeddings(seq)
+        kwargs = attention.layer_kwargs(seq, impl, seq.hidden.dtype, exclude_answer_keys=True)
+        hidden = seq.hidden
+        for layer in layers:
+            hidden = layer(hidden, position_embeddings=cos_sin, position_ids=None, **kwargs)
+        return hidden
+
+    def attention_row(self, layer_idx: int, seq: TokenSequence, query: Tensor) -> Tensor:
+        """``(B, L)`` head-averaged attention ``query`` pays every key in decoder layer ``layer_idx``.
+
+        ``seq`` holds that layer's INPUT hidden states; see :func:`ep_kit.models.attention.decoder_attention_row`.
+        """
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer {layer_idx} is outside the decoder's {self.num_layers} layers")
+        return decoder_attention_row(
+            self.decoder_layers[layer_idx], seq.hidden, self.rope_embeddings(seq), query, seq.attention_mask
+        )
+
+    def enable_audio_salience(self) -> None:
+        """Start capturing the audio tower's last-layer input during :meth:`embed` (for OmniZip)."""
+        if self._audio_probe is None:
+            self._audio_probe = AudioSalienceProbe(self.thinker.model.audio_tower)
+
+    def audio_token_salience(self, batch: Mapping[str, Any]) -> Tensor:
+        """``(N_audio_tokens,)`` attention each LLM audio token receives in the audio tower's last layer."""
+        feats, fmask = batch.get("input_features"), batch.get("feature_attention_mask")
+        if feats is None or fmask is None:
+            raise ValueError("audio salience needs batch['input_features'] and batch['feature_attention_mask']")
+        self.enable_audio_salience()
+        assert self._audio_probe is not None
+        return self._audio_probe.token_salience(self.thinker.model.get_audio_features, feats, fmask)
 
     # -------------------------------------------------------------------- embed
     def embed(self, batch: Mapping[str, Any]) -> TokenSequence:
@@ -516,13 +652,42 @@ class OmniThinker(nn.Module):
             ctx.stats["llm_candidates_per_layer"].extend([self.candidate_mask(seq).sum(-1)] * (end - start))
         return seq, key_masks
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, batch: Mapping[str, Any]) -> OmniOutput:
-        """Embed, reduce, run the decoder on the kept tokens, lm_head, loss on gathered labels."""
+    # ------------------------------------------------------------------ prefill
+    def prefill(
+        self,
+        batch: Mapping[str, Any],
+        cache: DynamicCache | None = None,
+        clock: Callable[[], Any] | None = None,
+    ) -> Prefill:
+        """Embed, reduce before the LLM, run the decoder with in-LLM drops: the one prefill path.
+
+        :meth:`forward`, :meth:`generate`, evaluation answers and the efficiency benchmark all run
+        this. With ``cache`` the decoder's keys/values are stored for decoding. ``clock`` (e.g.
+        ``time.perf_counter`` or a CUDA event factory) is called at the stage boundaries; its values
+        are :attr:`Prefill.marks`.
+        """
+        marks = [clock()] if clock is not None else []
         full = self.embed(batch)
+        if clock is not None:
+            marks.append(clock())
         ctx = self.context(full, batch)
         seq = self.reduce_before_llm(full, ctx)
-        seq, _ = self.run_llm(seq, ctx)
+        if clock is not None:
+            marks.append(clock())
+        seq, key_masks = self.run_llm(seq, ctx, cache=cache)
+        if clock is not None:
+            marks.append(clock())
+        return Prefill(full, seq, ctx, key_masks, self.budget_stats(full, seq, ctx), marks)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits of decoder outputs: final norm, then lm_head (on whatever rows are given)."""
+        return self.lm_head(self.final_norm(hidden))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Mapping[str, Any]) -> OmniOutput:
+        """Reduced prefill, lm_head on the kept tokens, loss on the gathered labels."""
+        p = self.prefill(batch)
+        seq = p.kept
         hidden = self.final_norm(seq.hidden)
         logits = self.lm_head(hidden)
         loss = None
@@ -530,8 +695,7 @@ class OmniThinker(nn.Module):
             loss = self.thinker.loss_function(
                 logits=logits, labels=seq.labels, vocab_size=self.text_config.vocab_size
             )
-        kept = seq.replace(hidden=hidden)
-        return OmniOutput(loss=loss, logits=logits, kept=kept, stats=self.budget_stats(full, kept, ctx))
+        return OmniOutput(loss=loss, logits=logits, kept=seq.replace(hidden=hidden), stats=p.stats)
 
     def budget_stats(self, full: TokenSequence, kept: TokenSequence, ctx: ReductionContext) -> dict[str, Any]:
         """Per-sample kept counts per modality, realised keep ratio and audio share of the kept A/V tokens."""
@@ -601,16 +765,13 @@ class OmniThinker(nn.Module):
             pad = self.text_config.pad_token_id
             pad_token_id = int(pad) if pad is not None else (eos[0] if eos else 0)
 
-        full = self.embed(batch)
-        next_pos = full.positions.masked_fill(~full.attention_mask[None], 0).amax(dim=(0, 2)) + 1
-        ctx = self.context(full, batch)
-        seq = self.reduce_before_llm(full, ctx)
         cache = DynamicCache(config=self.text_config)
-        seq, key_masks = self.run_llm(seq, ctx, cache=cache)
+        p = self.prefill(batch, cache=cache)
+        full, seq, key_masks = p.full, p.kept, p.key_masks
+        next_pos = full.positions.masked_fill(~full.attention_mask[None], 0).amax(dim=(0, 2)) + 1
         B = seq.batch_size
         rows = torch.arange(B, device=seq.hidden.device)
-        last = self.final_norm(seq.hidden[rows, seq.lengths - 1])
-        logits = self.lm_head(last)
+        logits = self.head(seq.hidden[rows, seq.lengths - 1])
 
         eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
         finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -632,7 +793,7 @@ class OmniThinker(nn.Module):
                 hidden = layer(
                     hidden, position_embeddings=cos_sin, position_ids=None, cache=cache, use_cache=True, **kwargs
                 )
-            logits = self.lm_head(self.final_norm(hidden[:, -1]))
+            logits = self.head(hidden[:, -1])
         return torch.stack(out, dim=1)
 
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:

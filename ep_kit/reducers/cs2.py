@@ -21,25 +21,22 @@ At ``keep_ratio=1.0`` the sieve still refines the prompt and A/V states (the met
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ep_kit.masks import AttentionMode, Bidirectional
-from ep_kit.reducers.base import ReductionContext, TokenReducer
+from ep_kit.reducers.base import ReducerHost, ReductionContext, TokenSchedule
+from ep_kit.reducers.score_select import ScoreSelect
 from ep_kit.scorers import MLPScorer, Scorer
 from ep_kit.selectors import Selector, STETopK
 from ep_kit.sequence import TokenSequence
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ep_kit.models.omni import OmniThinker
 
-
-class CS2(TokenReducer):
-    """The EchoingPixels sieve reducer.
+class CS2(ScoreSelect):
+    """The EchoingPixels sieve reducer: a sieve, then score-and-select on its refined states.
 
     Args:
         num_layers: sieve depth ``N`` (paper: 4); must not exceed the decoder depth.
@@ -50,6 +47,8 @@ class CS2(TokenReducer):
         selector: the Top-K rule (default :class:`~ep_kit.selectors.STETopK`).
     """
 
+    stat_key = "cs2_k"
+
     def __init__(
         self,
         num_layers: int = 4,
@@ -58,25 +57,34 @@ class CS2(TokenReducer):
         scorer: Callable[[int], Scorer] | None = None,
         selector: Selector | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(scorer=scorer if scorer is not None else MLPScorer, selector=selector if selector is not None else STETopK())
         if int(num_layers) < 1:
             raise ValueError(f"CS2 num_layers must be >= 1, got {num_layers}")
         self.num_layers = int(num_layers)
+        self.sieve_layers = self.num_layers
         self.attention = attention if attention is not None else Bidirectional()
         self.prefusion = bool(prefusion)
-        self.scorer_factory = scorer if scorer is not None else MLPScorer
-        self.selector = selector if selector is not None else STETopK()
         self.layers = nn.ModuleList()
-        self.scorer: Scorer | None = None
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, attention={self.attention!r}, prefusion={self.prefusion}"
+
+    def component_fields(self) -> dict[str, Any]:
+        """Sieve depth, pre-fusion, attention mode and scorer class: what the sieve weights depend on."""
+        scorer = self.scorer if self.scorer is not None else self.scorer_factory
+        name = scorer.__name__ if isinstance(scorer, type) else type(scorer).__name__
+        return {
+            "num_layers": self.num_layers,
+            "prefusion": self.prefusion,
+            "attention": type(self.attention).__name__,
+            "scorer": name,
+        }
 
     @property
     def attached(self) -> bool:
         return len(self.layers) > 0 and self.scorer is not None
 
-    def attach(self, model: OmniThinker) -> None:
+    def attach(self, model: ReducerHost) -> None:
         """Copy decoder layers ``0..N-1`` and build the scorer -- only the first time.
 
         Idempotent: once the sieve exists (copied, trained or loaded) it is never overwritten.
@@ -85,31 +93,17 @@ class CS2(TokenReducer):
         if self.num_layers > depth:
             raise ValueError(f"CS2 num_layers={self.num_layers} exceeds the decoder depth ({depth} layers)")
         if len(self.layers) == 0:
-            self.layers = nn.ModuleList(copy.deepcopy(model.decoder_layers[i]) for i in range(self.num_layers))
-            self.layers.requires_grad_(True)
+            self.layers = model.copy_decoder_layers(self.num_layers)
         elif len(self.layers) != self.num_layers:
             raise ValueError(f"CS2 holds {len(self.layers)} sieve layers but num_layers={self.num_layers}")
-        if self.scorer is None:
-            ref = model.decoder_layers[0].input_layernorm.weight
-            self.scorer = self.scorer_factory(model.hidden_size).to(device=ref.device, dtype=ref.dtype)
+        super().attach(model)
 
     # ------------------------------------------------------------------ sieve
-    def encode(self, seq: TokenSequence, model: OmniThinker) -> Tensor:
+    def encode(self, seq: TokenSequence, model: ReducerHost) -> Tensor:
         """Run the sieve layers on ``seq`` (answer tokens excluded as keys); returns refined hidden."""
-        cos_sin = model.rope_embeddings(seq)
-        kwargs = self.attention.layer_kwargs(
-            seq, self._attn_implementation(model), seq.hidden.dtype, exclude_answer_keys=True
-        )
-        hidden = seq.hidden
-        for layer in self.layers:
-            hidden = layer(hidden, position_embeddings=cos_sin, position_ids=None, **kwargs)
-        return hidden
+        return model.run_layer_copies(self.layers, seq, self.attention)
 
-    def _attn_implementation(self, model: OmniThinker) -> str:
-        cfg = getattr(self.layers[0].self_attn, "config", None)
-        return getattr(cfg, "_attn_implementation", None) or model.attn_implementation
-
-    def refine(self, seq: TokenSequence, model: OmniThinker) -> tuple[Tensor, Tensor]:
+    def refine(self, seq: TokenSequence, model: ReducerHost) -> tuple[Tensor, Tensor]:
         """Refined hidden states (answers and media-free samples unrefined) and the mask of refined tokens."""
         has_media = seq.av_mask.any(-1, keepdim=True)
         if self.prefusion:
@@ -128,21 +122,13 @@ class CS2(TokenReducer):
         hidden = torch.where(mask[..., None], refined, seq.hidden)
         return hidden, mask
 
-    def before_llm(self, seq: TokenSequence, ctx: ReductionContext) -> TokenSequence:
+    def states(self, seq: TokenSequence, ctx: ReductionContext) -> TokenSequence:
+        """The sieve's refined states: the scorer reads them and the kept tokens carry them."""
         if not self.attached:
             raise RuntimeError("CS2.before_llm called before attach(model): build it through OmniThinker")
-        candidates = ctx.candidates & seq.attention_mask
-        if not bool(seq.av_mask.any()):  # a text-only batch passes through untouched
-            ctx.stats["cs2_k"] = torch.zeros(seq.batch_size, dtype=torch.long, device=seq.hidden.device)
-            return seq
         hidden, _ = self.refine(seq, ctx.model)
-        refined = seq.replace(hidden=hidden)
-        assert self.scorer is not None
-        scores = self.scorer(refined)
-        selection = self.selector(scores, candidates, ctx.keep_ratio, seq.modality)
-        keep = selection.keep & candidates
-        if selection.weight is not None:
-            weight = torch.where(candidates, selection.weight, torch.ones_like(selection.weight))
-            hidden = hidden * weight[..., None].to(hidden.dtype)
-        ctx.stats["cs2_k"] = selection.k
-        return seq.replace(hidden=hidden).keep(keep | ~candidates)
+        return seq.replace(hidden=hidden)
+
+    def token_schedule(self, n_video: int, n_audio: int, num_layers: int, keep_ratio: float) -> TokenSchedule:
+        kept = self.kept_candidates(n_video, n_audio, keep_ratio)
+        return TokenSchedule((kept,) * num_layers, sieve_layers=self.num_layers, scorer_on_all_tokens=True)

@@ -1,7 +1,7 @@
 """FastV (training-free): drop audio/video tokens inside the LLM by the attention the last token pays them.
 
-Rule (SPEC "Baselines"): layers ``0..K-1`` run on the full sequence; the A/V candidates are ranked
-by the head-averaged attention the query token (last real non-answer token, see
+Rule (the paper's FastV baseline): layers ``0..K-1`` run on the full sequence; the A/V candidates
+are ranked by the head-averaged attention the query token (last real non-answer token, see
 :mod:`ep_kit.reducers.attention_rank`) pays them in layer ``K-1``; the top
 ``k = keep_count(n, r)`` are kept per sample (lower index wins ties), text and non-candidates are
 always kept, kept tokens keep their original positions, and layers ``K..`` run on the reduced
@@ -15,19 +15,14 @@ decoder never leaves its SDPA/flash kernel: only one ``(B, L)`` row is recompute
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from ep_kit.budget import keep_counts
-from ep_kit.reducers.attention_rank import attention_row, query_index
-from ep_kit.reducers.base import ReductionContext, TokenReducer
+from ep_kit.budget import keep_count, keep_counts
+from ep_kit.reducers.attention_rank import query_index
+from ep_kit.reducers.base import ReducerHost, ReductionContext, TokenReducer, TokenSchedule
 from ep_kit.selectors import top_k_mask
 from ep_kit.sequence import TokenSequence
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ep_kit.models.omni import OmniThinker
 
 
 class FastV(TokenReducer):
@@ -51,7 +46,7 @@ class FastV(TokenReducer):
     def extra_repr(self) -> str:
         return f"layer={self.layer}"
 
-    def attach(self, model: OmniThinker) -> None:
+    def attach(self, model: ReducerHost) -> None:
         if self.layer >= model.num_layers:
             raise ValueError(
                 f"FastV layer={self.layer} must be smaller than the decoder depth ({model.num_layers})"
@@ -59,14 +54,7 @@ class FastV(TokenReducer):
 
     def rank(self, seq: TokenSequence, ctx: ReductionContext) -> Tensor:
         """``(B, L)`` keep mask for ``seq`` (the input of layer ``K-1``): top-k candidates plus non-candidates."""
-        model = ctx.model
-        scores = attention_row(
-            model.decoder_layers[self.layer - 1],
-            seq.hidden,
-            model.rope_embeddings(seq),
-            query_index(seq),
-            seq.attention_mask,
-        )
+        scores = ctx.model.attention_row(self.layer - 1, seq, query_index(seq))
         candidates = ctx.candidates & seq.attention_mask
         k = keep_counts(candidates.sum(-1), ctx.keep_ratio)
         keep = top_k_mask(scores, candidates, k)
@@ -88,3 +76,8 @@ class FastV(TokenReducer):
                 raise RuntimeError("FastV: the sequence changed between the ranking layer and the drop layer")
             return seq.keep(keep)
         return seq
+
+    def token_schedule(self, n_video: int, n_audio: int, num_layers: int, keep_ratio: float) -> TokenSchedule:
+        """Every candidate in layers ``0..K-1``, ``keep_count(n, r)`` from layer ``K`` on."""
+        n = n_video + n_audio
+        return TokenSchedule(tuple(n if i < self.layer else keep_count(n, keep_ratio) for i in range(num_layers)))

@@ -1,7 +1,7 @@
 """OmniZip (training-free, Qwen2.5-Omni): audio-guided, time-windowed audio/video token compression.
 
-What this implementation does, step by step (every simplification of the SPEC's description is
-named here):
+What this implementation does, step by step (every simplification of OmniZip's published method
+is named here):
 
 1. **Budget split.** The common unit is the keep ratio ``r`` over the A/V pool of a sample:
    ``k = keep_count(n_audio + n_video, r)`` tokens survive in total, exactly. ``audio_ratio`` and
@@ -16,8 +16,8 @@ named here):
 2. **Audio salience.** The attention each audio-encoder frame *receives* in the audio tower's last
    layer: that layer's input is captured with a forward pre-hook while the wrapper encodes the
    audio (no second encoder pass), and ``softmax(q k^T / sqrt(d))`` is recomputed with the layer's
-   own ``self_attn_layer_norm``/``q_proj``/``k_proj`` inside each attention chunk of the tower
-   (``cu_seqlens``); column sums averaged over heads. Frames map to LLM audio tokens through the
+   own normalisation and query/key projections inside each attention chunk of the tower; column
+   sums averaged over heads (:meth:`ReducerHost.audio_token_salience`). Frames map to LLM audio tokens through the
    tower's stride-2 average pooling (token ``j`` of an audio = frames ``2j, 2j+1``; 25 tokens/s), so
    a token's salience is the mean of its two frames.
 3. **Audio anchors + merging.** The ``k_audio`` most salient audio tokens of a sample are kept as
@@ -43,18 +43,14 @@ Text and non-candidates are always kept with their original positions; only the 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ep_kit.budget import check_ratio, keep_count
-from ep_kit.reducers.base import ReductionContext, TokenReducer
+from ep_kit.reducers.base import ReducerHost, ReductionContext, TokenReducer
 from ep_kit.sequence import Modality, TokenSequence
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ep_kit.models.omni import OmniThinker
 
 
 # ----------------------------------------------------------------- pure rules
@@ -154,48 +150,6 @@ def merge_into_anchors(x: Tensor, anchors: Tensor, group: int) -> Tensor:
     return out
 
 
-# ---------------------------------------------------------- audio salience
-def audio_frame_salience(layer: torch.nn.Module, hidden: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """``(T,)`` attention each frame receives in an audio-encoder layer (column sums, head mean).
-
-    ``layer`` is a transformers ``Qwen2_5OmniAudioEncoderLayer`` and ``hidden`` ``(T, d)`` its input;
-    attention is block-diagonal over the chunks delimited by ``cu_seqlens``, as in the tower.
-    """
-    attn = layer.self_attn
-    h = layer.self_attn_layer_norm(hidden)
-    T = h.shape[0]
-    H, hd = attn.num_heads, attn.head_dim
-    work = torch.promote_types(hidden.dtype, torch.float32)
-    q = attn.q_proj(h).view(T, H, hd).to(work)
-    k = attn.k_proj(h).view(T, H, hd).to(work)
-    out = torch.zeros(T, dtype=work, device=hidden.device)
-    bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-        logits = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * float(attn.scaling)
-        out[s:e] = torch.softmax(logits, dim=-1).sum(1).mean(0)
-    return out
-
-
-def pool_to_tokens(frame_salience: Tensor, feature_lens: Tensor) -> Tensor:
-    """Map per-frame salience to LLM audio tokens: token ``j`` of an audio = mean of frames ``2j, 2j+1``.
-
-    ``feature_lens`` are the mel lengths of the audios; frames after the tower's stride-2 conv are
-    ``(len - 1) // 2 + 1`` per audio, concatenated; tokens ``(frames - 2) // 2 + 1`` per audio.
-    """
-    frames = (feature_lens - 1) // 2 + 1
-    tokens = (frames - 2) // 2 + 1
-    if int(frames.sum()) != frame_salience.shape[0]:
-        raise ValueError(
-            f"audio salience has {frame_salience.shape[0]} frames but feature lengths give {int(frames.sum())}"
-        )
-    out, offset = [], 0
-    for f, t in zip(frames.tolist(), tokens.tolist(), strict=True):
-        idx = offset + 2 * torch.arange(t, device=frame_salience.device)
-        out.append((frame_salience[idx] + frame_salience[idx + 1]) / 2)
-        offset += f
-    return torch.cat(out) if out else frame_salience[:0]
-
-
 # ---------------------------------------------------------------- reducer
 class OmniZip(TokenReducer):
     """OmniZip at the common budget (module docstring).
@@ -232,8 +186,6 @@ class OmniZip(TokenReducer):
         self.window_seconds = float(window_seconds)
         self.knn = int(knn)
         self.positions_per_second = 25.0
-        self._captured: dict[str, Tensor] | None = None
-        self._hook: Any = None
 
     def extra_repr(self) -> str:
         return (
@@ -241,42 +193,19 @@ class OmniZip(TokenReducer):
             f"window_seconds={self.window_seconds}, knn={self.knn}"
         )
 
-    # ---------------------------------------------------------- audio capture
-    def attach(self, model: OmniThinker) -> None:
-        """Hook the audio tower's last layer to capture its input while the wrapper encodes audio."""
-        if self._hook is not None:
-            self._hook.remove()
-        tower = model.thinker.model.audio_tower
-        self.positions_per_second = float(getattr(model.config, "position_id_per_seconds", 25))
-        self._hook = tower.layers[-1].register_forward_pre_hook(self._capture, with_kwargs=True)
-
-    def _capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        self._captured = {"hidden": hidden.detach(), "cu_seqlens": cu.detach()}
+    # ---------------------------------------------------------- audio salience
+    def attach(self, model: ReducerHost) -> None:
+        """Ask the model to capture the audio encoder's last-layer input while it embeds (no second pass)."""
+        self.positions_per_second = model.positions_per_second
+        model.enable_audio_salience()
 
     def audio_token_salience(self, ctx: ReductionContext) -> Tensor:
         """``(N_audio_tokens,)`` salience of every audio token of the batch, in placeholder order."""
-        feats = ctx.batch.get("input_features")
-        fmask = ctx.batch.get("feature_attention_mask")
-        if feats is None or fmask is None:
+        if ctx.batch.get("input_features") is None or ctx.batch.get("feature_attention_mask") is None:
             raise ValueError(
                 "OmniZip needs batch['input_features'] and batch['feature_attention_mask'] for audio salience"
             )
-        lens = fmask.sum(-1).long()
-        expected = int(((lens - 1) // 2 + 1).sum())
-        cap = self._captured
-        if cap is None or cap["hidden"].shape[0] != expected:
-            # Nothing (or something else) captured: encode the audio once more to fill the hook.
-            with torch.no_grad():
-                ctx.model.thinker.model.get_audio_features(feats, fmask)
-            cap = self._captured
-        assert cap is not None
-        self._captured = None
-        layer = ctx.model.thinker.model.audio_tower.layers[-1]
-        with torch.no_grad():
-            frames = audio_frame_salience(layer, cap["hidden"], cap["cu_seqlens"])
-        return pool_to_tokens(frames, lens)
+        return ctx.model.audio_token_salience(ctx.batch)
 
     # ------------------------------------------------------------ selection
     def _windows(self, t: Tensor) -> Tensor:
@@ -373,3 +302,7 @@ class OmniZip(TokenReducer):
         ctx.stats["omnizip_k_audio"] = torch.tensor(k_audio, device=dev)
         ctx.stats["omnizip_k_video"] = torch.tensor(k_video, device=dev)
         return seq.replace(hidden=hidden).keep(keep | ~candidates)
+
+    def kept_candidates(self, n_video: int, n_audio: int, keep_ratio: float) -> int:
+        """Exactly ``keep_count(n_audio + n_video, r)``: merged audio tokens still count once."""
+        return keep_count(n_video + n_audio, keep_ratio)

@@ -1,9 +1,9 @@
 """PyramidDrop (training-free): staged in-LLM dropping of audio/video tokens.
 
-Rule (SPEC "Baselines"): before each listed decoder layer ``l_s`` (paper: 8, 16, 24 of 36) the
-remaining A/V candidates are ranked by the head-averaged attention of the last instruction token
+Rule (the paper's PyramidDrop baseline): before each listed decoder layer ``l_s`` (paper: 8, 16, 24
+of 36) the remaining A/V candidates are ranked by the head-averaged attention of the last instruction token
 (last real non-answer token), computed with the q/k of layer ``l_s`` itself -- the layer *after*
-the stage boundary -- on its input hidden states (:func:`~ep_kit.reducers.attention_rank.attention_row`,
+the stage boundary -- on its input hidden states (:meth:`ReducerHost.attention_row`,
 one row, no ``L x L`` matrix), and ``keep_count(n_remaining, lambda)`` of them are kept. Text is
 never dropped, kept tokens keep their original positions, only the prefill is reduced.
 
@@ -23,16 +23,12 @@ and by this reducer as ``pyramiddrop_effective``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
 
-from ep_kit.budget import check_ratio, keep_counts
-from ep_kit.reducers.attention_rank import attention_row, query_index
-from ep_kit.reducers.base import ReductionContext, TokenReducer
+from ep_kit.budget import check_ratio, keep_count, keep_counts
+from ep_kit.reducers.attention_rank import query_index
+from ep_kit.reducers.base import ReducerHost, ReductionContext, TokenReducer, TokenSchedule
 from ep_kit.selectors import top_k_mask
 from ep_kit.sequence import TokenSequence
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ep_kit.models.omni import OmniThinker
 
 
 def _check_layers(layers: Sequence[int], num_layers: int | None = None) -> tuple[int, ...]:
@@ -87,6 +83,38 @@ def pyramiddrop_for_budget(r: float, num_layers: int, layers: Sequence[int]) -> 
     return (lo + hi) / 2
 
 
+class StageRatioRule:
+    """How PyramidDrop derives its stage ratio ``lambda`` from the run's budget ``r`` (a component chosen by class_path)."""
+
+    def __call__(self, keep_ratio: float, num_layers: int, layers: Sequence[int]) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MatchLayerAverage(StageRatioRule):
+    """``lambda`` whose layer-averaged A/V fraction ``r_eff(lambda)`` equals ``r`` (:func:`pyramiddrop_for_budget`).
+
+    Raises when ``r <= layers[0] / num_layers`` (unreachable: every layer before the first stage
+    sees all tokens).
+    """
+
+    def __call__(self, keep_ratio: float, num_layers: int, layers: Sequence[int]) -> float:
+        return pyramiddrop_for_budget(keep_ratio, num_layers, layers)
+
+
+class MatchFinalStage(StageRatioRule):
+    """``lambda = r ** (1 / S)``: the last of the ``S`` stages keeps ``r`` of the A/V tokens.
+
+    For shallow decoders (the 4-layer toy thinker) where no layer average below
+    ``layers[0] / num_layers`` exists; the realised layer average is still logged.
+    """
+
+    def __call__(self, keep_ratio: float, num_layers: int, layers: Sequence[int]) -> float:
+        return check_ratio(keep_ratio) ** (1.0 / len(layers))
+
+
 class PyramidDrop(TokenReducer):
     """PyramidDrop with stages before ``layers``.
 
@@ -94,47 +122,35 @@ class PyramidDrop(TokenReducer):
         layers: decoder layers before which a stage drops tokens (paper: ``[8, 16, 24]``); all must
             lie in ``[1, num_layers)``.
         stage_ratio: ``lambda``, the fraction of the remaining A/V tokens each stage keeps (paper:
-            0.5). None = derive it per call from the model's keep ratio ``r`` with
-            :func:`pyramiddrop_for_budget`, so that the effective budget matches ``r`` (what the
-            matched-budget recipes use).
-        match: how ``stage_ratio=None`` reads ``r``: ``"layer_average"`` (default, the SPEC's
-            effective budget ``r_eff(lambda) = r``; raises when ``r <= layers[0] / num_layers``) or
-            ``"final"`` (``lambda = r ** (1 / S)``: the last stage keeps ``r`` of the A/V tokens, for
-            shallow models such as the 4-layer toy thinker where no layer average below
-            ``1 / num_layers`` exists; the realised layer average is still logged).
+            0.5), or a :class:`StageRatioRule` that derives it from the run's keep ratio
+            (:class:`MatchLayerAverage`: the matched-budget recipes; :class:`MatchFinalStage`: toy).
     """
 
-    def __init__(
-        self,
-        layers: list[int] | None = None,
-        stage_ratio: float | None = 0.5,
-        match: Literal["layer_average", "final"] = "layer_average",
-    ) -> None:
+    def __init__(self, layers: list[int] | None = None, stage_ratio: float | StageRatioRule = 0.5) -> None:
         super().__init__()
         self.layers = _check_layers(layers if layers is not None else [8, 16, 24])
-        self.stage_ratio = None if stage_ratio is None else check_ratio(stage_ratio, "stage_ratio")
-        if match not in ("layer_average", "final"):
-            raise ValueError(f"PyramidDrop match must be 'layer_average' or 'final', got {match!r}")
-        self.match = match
+        if isinstance(stage_ratio, StageRatioRule):
+            self.stage_ratio: float | StageRatioRule = stage_ratio
+        else:
+            self.stage_ratio = check_ratio(stage_ratio, "stage_ratio")
         self.drop_before_layers = self.layers
         self.num_layers: int | None = None
 
     def extra_repr(self) -> str:
-        return f"layers={list(self.layers)}, stage_ratio={self.stage_ratio}, match={self.match!r}"
+        return f"layers={list(self.layers)}, stage_ratio={self.stage_ratio!r}"
 
-    def attach(self, model: OmniThinker) -> None:
+    def attach(self, model: ReducerHost) -> None:
         _check_layers(self.layers, model.num_layers)
         self.num_layers = model.num_layers
 
-    def lam(self, keep_ratio: float) -> float:
-        """The stage ratio used at budget ``keep_ratio``."""
-        if self.stage_ratio is not None:
+    def lam(self, keep_ratio: float, num_layers: int | None = None) -> float:
+        """The stage ratio used at budget ``keep_ratio`` in a ``num_layers``-layer decoder (default: attached model's)."""
+        if not isinstance(self.stage_ratio, StageRatioRule):
             return self.stage_ratio
-        if self.match == "final":
-            return check_ratio(keep_ratio) ** (1.0 / len(self.layers))
-        if self.num_layers is None:
-            raise RuntimeError("PyramidDrop needs attach(model) to derive its stage ratio from the budget")
-        return pyramiddrop_for_budget(keep_ratio, self.num_layers, self.layers)
+        depth = num_layers if num_layers is not None else self.num_layers
+        if depth is None:
+            raise RuntimeError("PyramidDrop needs attach(model) or num_layers to derive its stage ratio from the budget")
+        return self.stage_ratio(keep_ratio, depth, self.layers)
 
     def in_llm(self, seq: TokenSequence, layer_idx: int, ctx: ReductionContext) -> TokenSequence:
         if layer_idx not in self.layers:
@@ -142,14 +158,7 @@ class PyramidDrop(TokenReducer):
         lam = self.lam(ctx.keep_ratio)
         if lam >= 1.0:
             return seq
-        model = ctx.model
-        scores = attention_row(
-            model.decoder_layers[layer_idx],
-            seq.hidden,
-            model.rope_embeddings(seq),
-            query_index(seq),
-            seq.attention_mask,
-        )
+        scores = ctx.model.attention_row(layer_idx, seq, query_index(seq))
         candidates = ctx.candidates & seq.attention_mask
         k = keep_counts(candidates.sum(-1), lam)
         keep = top_k_mask(scores, candidates, k)
@@ -158,3 +167,14 @@ class PyramidDrop(TokenReducer):
         if self.num_layers is not None:
             ctx.stats["pyramiddrop_effective"] = effective_budget(lam, self.num_layers, self.layers)
         return seq.keep(keep | ~candidates)
+
+    def token_schedule(self, n_video: int, n_audio: int, num_layers: int, keep_ratio: float) -> TokenSchedule:
+        """Candidates per layer: all before the first stage, ``keep_count(remaining, lambda)`` at each stage."""
+        _check_layers(self.layers, num_layers)
+        lam = self.lam(keep_ratio, num_layers)
+        out, current = [], n_video + n_audio
+        for i in range(num_layers):
+            if i in self.layers and lam < 1.0:
+                current = keep_count(current, lam)
+            out.append(current)
+        return TokenSchedule(tuple(out))

@@ -4,14 +4,19 @@ It owns one :class:`~ep_kit.models.omni.OmniThinker` built from YAML-friendly pa
 :class:`~ep_kit.train.sources.ThinkerSource` (where the transformers thinker comes from), a rotary
 layout, a token reducer and a keep ratio. Training is the paper's: LM loss on the answer tokens of
 the reduced sequence, the LLM fine-tuned with the sieve and the scorer (``train_llm``), encoders
-frozen, AdamW with a cosine schedule and linear warm-up. Evaluation is multiple choice: the
-next-token logits at the end of the prompt, restricted to each option's letter token, argmax,
-compared with the answer -- accuracy overall, per benchmark and per category (torchmetrics, synced
-across ranks), plus where the budget went (kept ratio, audio vs video share).
+frozen, AdamW with linear warm-up and cosine decay (:class:`~ep_kit.train.schedules.WarmupCosine`).
+Evaluation is multiple choice: the next-token logits at the end of the prompt, restricted to each
+option's letter token, argmax, compared with the answer -- accuracy overall, per benchmark and per
+category (torchmetrics, synced across ranks), plus where the budget went (kept ratio, audio vs video
+share).
 
 Weights for an evaluation at another budget are loaded by the module itself (``init_from``), never
 through ``--ckpt_path`` hyper-parameters, so ``--model.keep_ratio`` on the command line is the
 budget that runs (and the realised one is logged).
+
+Built by ``ep-kit`` (LightningCLI), the module saves its configuration (every component as its
+``class_path`` and ``init_args``) as hyper-parameters, so ``EPKitModule.load_from_checkpoint(ckpt)``
+rebuilds it from a checkpoint alone.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import importlib.util
 import json
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -35,9 +40,14 @@ from ep_kit.reducers.base import TokenReducer
 from ep_kit.rope import MultiAxisRoPE
 from ep_kit.sequence import TokenSequence
 from ep_kit.train.metrics import BudgetShare, MultipleChoiceAccuracy, option_letter
+from ep_kit.train.schedules import LRScheduleCallable, WarmupCosine
 from ep_kit.train.sources import ThinkerSource, write_base_marker
 
 STAGES = ("val", "test")
+
+#: ``__init__`` arguments that are components (objects): saved as hyper-parameters only in their
+#: ``class_path`` form, i.e. when the module is built by the CLI.
+COMPONENTS = ("thinker", "rope", "reducer", "optimizer", "lr_scheduler")
 
 
 def prompt_end_index(seq: TokenSequence) -> Tensor:
@@ -126,14 +136,16 @@ class EPKitModule(LightningModule):
         freeze_encoders: keep the audio and vision encoders frozen (paper); False for pretraining
             the toy thinker from scratch.
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 2e-5).
-        warmup_ratio: fraction of the optimisation steps with linear warm-up (paper 5%).
-        schedule: ``cosine`` decay to ``min_lr_ratio * lr`` after warm-up, or ``constant``.
-        min_lr_ratio: floor of the cosine schedule as a fraction of the peak lr.
+        lr_scheduler: learning-rate schedule, built as ``lr_scheduler(optimizer, num_training_steps=N)``
+            with ``N`` the run's optimizer steps and stepped every optimizer step (default
+            :class:`~ep_kit.train.schedules.WarmupCosine`: 5% linear warm-up, cosine decay to 0, the
+            paper's); None = the optimizer's learning rate throughout.
         gradient_checkpointing: recompute decoder and sieve layers in backward (real scale).
         init_from: weights to load after building: a Lightning ``.ckpt`` file (its ``state_dict``,
             hyper-parameters ignored) or a directory written by
             :func:`ep_kit.models.checkpoint.save_kit_weights`. Use this, not ``--ckpt_path``, for a
-            budget sweep: the command line's ``keep_ratio`` is the one that runs.
+            budget sweep: the command line's ``keep_ratio`` is the one that runs. Not a
+            hyper-parameter: ``load_from_checkpoint`` takes the weights from the checkpoint itself.
         export_thinker: after ``fit``, save the thinker (``save_pretrained``) to this directory as a
             base other recipes initialise from (``TinyThinker.init_from``).
         print_metrics: print a one-line accuracy summary after every validation/test epoch.
@@ -149,22 +161,23 @@ class EPKitModule(LightningModule):
         train_llm: bool = True,
         freeze_encoders: bool = True,
         optimizer: OptimizerCallable | None = None,
-        warmup_ratio: float = 0.05,
-        schedule: Literal["cosine", "constant"] = "cosine",
-        min_lr_ratio: float = 0.0,
+        lr_scheduler: LRScheduleCallable | None = WarmupCosine,
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
         export_thinker: str | None = None,
         print_metrics: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["thinker", "rope", "reducer", "optimizer"])
+        # Under LightningCLI the hyper-parameters Lightning saves are the parsed configuration (components
+        # as class_path / init_args, with the CLI's instantiator): load_from_checkpoint rebuilds the module
+        # from them. Built in Python, the components are objects a checkpoint can neither hold as
+        # hyper-parameters nor rebuild from: only the plain arguments are saved. init_from never is (a
+        # checkpoint carries its own weights). The first call only reads what Lightning saves for thinker.
+        self.save_hyperparameters("thinker", logger=False)
+        from_config = isinstance(self.hparams["thinker"], Mapping)
+        self.save_hyperparameters(ignore=["init_from"] if from_config else ["init_from", *COMPONENTS])
         if not isinstance(thinker, ThinkerSource):
             raise TypeError(f"model.thinker must be a ThinkerSource (class_path), got {type(thinker).__name__}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         check_ratio(keep_ratio, "model.keep_ratio")
         self.source = thinker
         self.model: OmniThinker = thinker.build(
@@ -176,11 +189,9 @@ class EPKitModule(LightningModule):
             train_llm=train_llm,
         )
         if gradient_checkpointing:
-            self._enable_gradient_checkpointing()
+            self.model.gradient_checkpointing_enable()
         self.optimizer_factory = optimizer
-        self.warmup_ratio = float(warmup_ratio)
-        self.schedule = schedule
-        self.min_lr_ratio = float(min_lr_ratio)
+        self.lr_scheduler_factory = lr_scheduler
         self.export_thinker = export_thinker
         self.print_metrics = print_metrics
         self.accuracy = torch.nn.ModuleDict({s: MultipleChoiceAccuracy() for s in STAGES})
@@ -192,21 +203,6 @@ class EPKitModule(LightningModule):
     @property
     def keep_ratio(self) -> float:
         return self.model.keep_ratio
-
-    def _enable_gradient_checkpointing(self) -> None:
-        """Checkpoint every transformers decoder layer, the sieve's copies included."""
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        self.model.thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        func = None
-        for module in self.model.thinker.modules():
-            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-                func = module._gradient_checkpointing_func
-                break
-        for module in self.model.modules():
-            if isinstance(module, GradientCheckpointingLayer) and func is not None:
-                module.gradient_checkpointing = True
-                module._gradient_checkpointing_func = func
 
     def load_weights(self, path: str) -> None:
         """Load ``init_from``: a Lightning checkpoint's ``state_dict`` or a kit weights directory."""
@@ -229,6 +225,17 @@ class EPKitModule(LightningModule):
             raise FileNotFoundError(f"model.init_from: {root} does not exist")
         state = read_lightning_checkpoint(root, "model.init_from")["state_dict"]
         self._load_lightning_state(state, root)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the configuration of a checkpoint written by the CLI when built from it in Python.
+
+        ``load_from_checkpoint`` builds the components outside the CLI, so only the plain arguments
+        would be saved again: the checkpoint's configuration is kept instead, and a checkpoint of the
+        rebuilt module rebuilds it too.
+        """
+        saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        if "_instantiator" in saved and not any(k in self.hparams for k in COMPONENTS):
+            self.hparams.update({k: v for k, v in saved.items() if k in (*COMPONENTS, "_instantiator")})
 
     def _load_lightning_state(self, state: Mapping[str, Tensor], root: Path) -> None:
         state = {k: v for k, v in state.items() if k.startswith("model.")}
@@ -274,7 +281,10 @@ class EPKitModule(LightningModule):
         would let AdamW's momentum and weight decay move it), nor where parameters are sharded outside
         the forward (FSDP, DeepSpeed ZeRO-3, model parallel), which do not need it.
         """
-        trainer = self._trainer
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
         if trainer is not None:
             from lightning.pytorch.strategies import DDPStrategy
 
@@ -315,21 +325,9 @@ class EPKitModule(LightningModule):
             optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
         else:
             optimizer = self.optimizer_factory(params)
-        if self.schedule == "constant" and self.warmup_ratio == 0.0:
+        if self.lr_scheduler_factory is None:
             return optimizer
-        total = self._total_steps()
-        warmup = math.ceil(self.warmup_ratio * total)
-        floor, cosine = self.min_lr_ratio, self.schedule == "cosine"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = self.lr_scheduler_factory(optimizer, num_training_steps=self._total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:
@@ -383,19 +381,15 @@ class EPKitModule(LightningModule):
         target = batch.get("answer_index")
         if choices is None or target is None:
             raise ValueError("evaluation batch needs 'choice_token_ids' (B, n_options) and 'answer_index' (B,)")
-        model = self.model
-        full = model.embed(batch)
-        ctx = model.context(full, batch)
-        seq = model.reduce_before_llm(full, ctx)
-        seq, _ = model.run_llm(seq, ctx)
+        p = self.model.prefill(batch)
+        seq = p.kept
         rows = torch.arange(seq.batch_size, device=seq.hidden.device)
-        hidden = model.final_norm(seq.hidden[rows, prompt_end_index(seq)])
-        logits = model.lm_head(hidden).float()
+        logits = self.model.head(seq.hidden[rows, prompt_end_index(seq)]).float()
         valid = batch.get("choice_mask")
         valid = choices >= 0 if valid is None else valid.bool() & (choices >= 0)
         choice_logits = torch.gather(logits, 1, choices.clamp(min=0))
         choice_logits = choice_logits.masked_fill(~valid, float("-inf"))
-        stats = model.budget_stats(full, seq, ctx)
+        stats = p.stats
         meta = metadata_lists(batch, seq.batch_size)
         return {
             "predicted": choice_logits.argmax(-1),
@@ -507,8 +501,3 @@ class EPKitModule(LightningModule):
                 }
             )
         return records
-
-
-def trainable_parameter_names(module: EPKitModule) -> Sequence[str]:
-    """Names of the parameters the optimizer will update (for checks and docs)."""
-    return [n for n, p in module.named_parameters() if p.requires_grad]

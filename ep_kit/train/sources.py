@@ -5,33 +5,29 @@ transformers thinker; the reduction components (rope, reducer, budget) are passe
 :class:`~ep_kit.train.module.EPKitModule`, so the same source serves every ablation row.
 
 * :class:`PretrainedThinker` -- a released checkpoint (3B / 7B) from disk; no download, ever.
-* :class:`TinyThinker` -- the tiny random-weight thinker of the synthetic benchmark, optionally
-  initialised from the cached toy "pretrained base" (the output of ``recipes/toy/pretrain.yaml``).
-  When that base is missing and ``pretrain_config`` is set, it is built first by running that
-  recipe in a child process (so its seeds and logger state never leak into the calling run).
+* :class:`TinyThinker` -- the tiny thinker of the synthetic benchmark: random weights, or loaded
+  from a toy "pretrained base" directory, usually the one shipped with the kit
+  (``init_from: shipped`` = :data:`SHIPPED_BASE`; built by ``python -m ep_kit.toy_base build``,
+  see :mod:`ep_kit.toy_base`). Building a thinker never trains: a missing base is an error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
-import subprocess
-import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from ep_kit.models.omni import OmniThinker, read_thinker_config
 from ep_kit.models.tiny import tiny_thinker_config
 
 #: file a finished base export carries, so a half-written directory is never taken for a base.
 BASE_DONE = "ep_kit_base.json"
+#: the toy base shipped with the kit (in the package, so a clone and an installed kit both have it).
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "toy_base"
+#: ``TinyThinker(init_from=SHIPPED)`` names :data:`SHIPPED_BASE` wherever the kit is installed.
+SHIPPED = "shipped"
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
     "float32": torch.float32,
@@ -51,9 +47,6 @@ class ThinkerSource:
 
     def build(self, **components: Any) -> OmniThinker:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def describe(self) -> str:
-        return type(self).__name__
 
 
 class PretrainedThinker(ThinkerSource):
@@ -86,9 +79,6 @@ class PretrainedThinker(ThinkerSource):
             root, dtype=self.dtype, attn_implementation=self.attn_implementation, **components
         )
 
-    def describe(self) -> str:
-        return f"PretrainedThinker({self.path})"
-
 
 class TinyThinker(ThinkerSource):
     """The tiny thinker of the synthetic benchmark (kit's byte-level vocabulary, real transformers classes).
@@ -99,10 +89,10 @@ class TinyThinker(ThinkerSource):
             sizes passed to :func:`ep_kit.models.tiny.tiny_thinker_config`.
         mrope_section: TMRoPE sections of the *config* (default: 16:24:24 proportion of head_dim/2).
         attn_implementation: ``sdpa`` or ``eager``.
-        init_from: directory of a saved tiny base (written by ``recipes/toy/pretrain.yaml`` through
-            ``EPKitModule(export_thinker=...)``); None = random weights.
-        pretrain_config: recipe that writes ``init_from`` when it is missing (``ep-kit fit --config
-            pretrain_config``, run once in a child process). None = a missing base is an error.
+        init_from: ``shipped`` (the toy base shipped with the kit, :data:`SHIPPED_BASE`), or the
+            directory of another tiny base (``python -m ep_kit.toy_base build DIR``, or any fit with
+            ``--model.export_thinker=DIR``); None = random weights. It is only loaded: a missing
+            base is an error that names the command that builds it.
     """
 
     def __init__(
@@ -122,7 +112,6 @@ class TinyThinker(ThinkerSource):
         audio_heads: int = 2,
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
         init_from: str | None = None,
-        pretrain_config: str | None = None,
     ) -> None:
         self.sizes = {
             "hidden_size": hidden_size,
@@ -141,7 +130,6 @@ class TinyThinker(ThinkerSource):
         }
         self.attn_implementation = attn_implementation
         self.init_from = init_from
-        self.pretrain_config = pretrain_config
 
     def config(self):
         """The transformers thinker config these sizes describe."""
@@ -151,95 +139,27 @@ class TinyThinker(ThinkerSource):
         config = self.config()
         if self.init_from is None:
             return OmniThinker.from_config(config, **components)
-        root = Path(self.init_from)
-        if not is_base_dir(root) or self._stale(root):
-            self._make_base(root)
+        root = base_dir(self.init_from)
+        if not is_base_dir(root):
+            raise FileNotFoundError(
+                f"model.thinker.init_args.init_from: {root} is not a toy base (config.json and {BASE_DONE}); "
+                f"use the shipped one (init_from: {SHIPPED}) or build one with "
+                f"`python -m ep_kit.toy_base build {root}` (from a clone of the repository)"
+            )
         _check_same_architecture(config, read_thinker_config(root), root)
         return OmniThinker.from_pretrained(
             root, dtype=torch.float32, attn_implementation=self.attn_implementation, **components
         )
 
-    def _stale(self, root: Path) -> bool:
-        """True when the base was built by ``build_base`` from another version of ``pretrain_config``.
 
-        A base without a recorded digest (built by hand) is taken as it is.
-        """
-        if self.pretrain_config is None or not Path(self.pretrain_config).is_file():
-            return False
-        recorded = json.loads((root / BASE_DONE).read_text()).get("recipe_digest")
-        if recorded is None or recorded == recipe_digest(Path(self.pretrain_config)):
-            return False
-        rank_zero_info(f"[ep-kit] toy base {root} was built from another {self.pretrain_config}: rebuilding it")
-        return True
-
-    def _make_base(self, root: Path) -> None:
-        if self.pretrain_config is None:
-            raise FileNotFoundError(
-                f"model.thinker.init_args.init_from: the toy base {root} does not exist. Build it with "
-                "`ep-kit fit --config recipes/toy/pretrain.yaml`, or set model.thinker.init_args.pretrain_config "
-                "so that it is built on first use"
-            )
-        recipe = Path(self.pretrain_config)
-        if not recipe.is_file():
-            raise FileNotFoundError(f"model.thinker.init_args.pretrain_config: {recipe} does not exist")
-        build_base(recipe, root)
-
-    def describe(self) -> str:
-        return f"TinyThinker(init_from={self.init_from})"
+def base_dir(init_from: str | Path) -> Path:
+    """The directory ``TinyThinker(init_from=...)`` loads: :data:`SHIPPED_BASE` for ``shipped``."""
+    return SHIPPED_BASE if str(init_from) == SHIPPED else Path(init_from)
 
 
 def is_base_dir(root: Path) -> bool:
     """True when ``root`` holds a finished base export (config, weights and the done marker)."""
     return (root / BASE_DONE).is_file() and (root / "config.json").is_file()
-
-
-def recipe_digest(recipe: Path) -> str:
-    """sha256 of a recipe file and of the YAML files it names (its ``_base`` parts), in order.
-
-    Recorded in the base's marker by :func:`build_base`, so an edited pretraining recipe is noticed
-    instead of silently reusing the base an older version built.
-    """
-    h = hashlib.sha256(recipe.read_bytes())
-    for name in re.findall(r"[\w./-]+\.ya?ml", recipe.read_text()):
-        part = recipe.parent / name
-        if part.is_file():
-            h.update(name.encode() + part.read_bytes())
-    return h.hexdigest()
-
-
-def build_base(recipe: Path, root: Path, extra_args: Sequence[str] = ()) -> None:
-    """Run ``ep-kit fit --config recipe`` in a child process so that it exports the base to ``root``.
-
-    The recipe's ``model.export_thinker`` is pointed at ``root``. A child process keeps the
-    pretraining run's seeding, loggers and threads out of the caller. The marker of the finished
-    base records :func:`recipe_digest` of ``recipe`` (``extra_args`` are not part of it).
-    """
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
-        raise FileNotFoundError(
-            f"the toy base {root} is missing on a non-zero rank; build it first with "
-            f"`ep-kit fit --config {recipe}` (multi-process runs never build it themselves)"
-        )
-    rank_zero_info(f"[ep-kit] toy base {root} not found: building it with `ep-kit fit --config {recipe}` ...")
-    cmd = [
-        sys.executable,
-        "-m",
-        "ep_kit.cli",
-        "fit",
-        "--config",
-        str(recipe),
-        f"--model.export_thinker={root}",
-        *extra_args,
-    ]
-    start = time.time()
-    (root / BASE_DONE).unlink(missing_ok=True)  # a rebuild killed half-way must not look finished
-    result = subprocess.run(cmd, check=False)
-    if result.returncode != 0 or not is_base_dir(root):
-        raise RuntimeError(
-            f"building the toy base with {' '.join(cmd)} failed (exit {result.returncode}); run it by hand to see why"
-        )
-    marker = json.loads((root / BASE_DONE).read_text())
-    write_base_marker(root, {**marker, "recipe": str(recipe), "recipe_digest": recipe_digest(recipe)})
-    rank_zero_info(f"[ep-kit] toy base written to {root} in {time.time() - start:.0f} s")
 
 
 def _check_same_architecture(expected, found, root: Path) -> None:
