@@ -73,7 +73,7 @@ from ep_kit.models.tiny import (
     qwen_omni_7b_config,
     tiny_thinker_config,
 )
-from ep_kit.recipes import RecipeMethod, method_configs, method_from_recipe
+from ep_kit.recipes import RecipeMethod, baseline_keys, method_configs, method_from_recipe
 from ep_kit.sequence import Modality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,8 +120,9 @@ def default_recipes(toy: bool, baseline_budgets: Sequence[int] = BUDGETS) -> lis
     folder = ROOT / "recipes" / ("toy" if toy else "")
     rows = folder / "baselines"
     out = [rows / "full.yaml", *(folder / f"cs2_ste_{pct}.yaml" for pct in BUDGETS)]
-    methods = sorted({p.stem.rsplit("_", 1)[0] for p in rows.glob("*_*.yaml") if p.stem.rsplit("_", 1)[-1].isdigit()})
-    return out + [rows / f"{m}_{pct}.yaml" for m in methods for pct in baseline_budgets if (rows / f"{m}_{pct}.yaml").is_file()]
+    return out + [
+        rows / f"{m}_{pct}.yaml" for m in baseline_keys(rows) for pct in baseline_budgets if (rows / f"{m}_{pct}.yaml").is_file()
+    ]
 
 
 def resolve_recipe(entry: str | Path) -> Path:
@@ -193,8 +194,8 @@ def timed_prefill(model: OmniThinker, batch: dict[str, Any], clock: Clock, logit
     """One reduced prefill through :meth:`OmniThinker.prefill`, timed per stage: ``([encoders, sieve, llm] ms, Prefill)``.
 
     ``llm`` is the decoder plus :meth:`OmniThinker.head` (final norm + lm_head on the last token
-    for ``logits="last"``, every token for ``"all"``); the budget statistics the prefill computes
-    after the decoder are outside every stage.
+    for ``logits="last"``, every token for ``"all"``); the prefill's budget statistics are never
+    computed here (they are lazy), so no stage pays for them.
     """
     p = model.prefill(batch, clock=clock.mark)
     hidden = p.kept.hidden

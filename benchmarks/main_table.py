@@ -69,7 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ep_kit.data.benchmarks import BENCHMARK_GROUPS  # noqa: E402
-from ep_kit.recipes import recipe_configs  # noqa: E402
+from ep_kit.recipes import baseline_keys, recipe_configs  # noqa: E402
 from ep_kit.runs import RowResult, RowSpec, add_real_scale_arguments, git_commit, real_scale_from_args  # noqa: E402
 
 SCALES = {
@@ -114,10 +114,8 @@ def baseline_files(rows_dir: Path) -> dict[str, str]:
     import yaml
 
     found: dict[str, str] = {}
-    for path in sorted(rows_dir.glob("*_*.yaml")):
-        key, _, pct = path.stem.rpartition("_")
-        if not pct.isdigit() or key in found.values():
-            continue
+    for key in baseline_keys(rows_dir):
+        path = next(p for p in sorted(rows_dir.glob(f"{key}_*.yaml")) if p.stem.rpartition("_")[0] == key)
         model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
         reducer = model.get("reducer") if isinstance(model, dict) else None
         class_path = reducer.get("class_path", "") if isinstance(reducer, dict) else ""
@@ -265,7 +263,7 @@ def real_specs(args: Any, scale: Any) -> list[tuple[str, float, RowSpec]]:
     """(method, ratio, row) of the whole table: Full, the training-free overlays, EchoingPixels (fit + test)."""
     base = ROOT / (args.base or SCALES["real"]["base"])
     rows_dir = ROOT / SCALES["real"]["rows"]
-    files = baseline_files(rows_dir)
+    files = args.baselines
     specs = [("Full", 1.0, scale.evaluation_row("full", base, rows_dir / "full.yaml"))]
     for method in args.methods:
         for r in args.ratios:
@@ -414,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra ep-kit override, e.g. --override=--trainer.accelerator=gpu",
     )
     args = p.parse_args(argv)
-    available = (*baseline_files(ROOT / SCALES[args.scale]["rows"]), "EchoingPixels")
+    args.baselines = baseline_files(ROOT / SCALES[args.scale]["rows"])  # method -> file key, found once
+    available = (*args.baselines, "EchoingPixels")
     args.methods = list(available) if args.methods is None else args.methods
     unknown = [m for m in args.methods if m not in available]
     if unknown:
@@ -445,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     av_groups = args.av_groups or scale["av_groups"]
     video_groups = args.video_groups or scale["video_groups"]
     rows_dir = ROOT / scale["rows"]
-    files = baseline_files(rows_dir)
+    files = args.baselines
 
     full = Cell("Full", 1.0, evaluate([base, rows_dir / "full.yaml"], overrides))
     cells: list[Cell] = []

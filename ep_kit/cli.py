@@ -220,8 +220,32 @@ def fit_then_test(args: Sequence[str]) -> dict[str, float]:
     return {k: float(v) for k, v in results[0].items()}
 
 
-def _build(args: Sequence[str] | dict | None, run_subcommand: bool) -> EPKitCLI:
-    return EPKitCLI(
+class ParseOnlyCLI(EPKitCLI):
+    """The ``ep-kit`` parser (same classes, links, nested files and ``null`` handling); nothing is built."""
+
+    def instantiate_classes(self) -> None:
+        self.config_init = self.config
+
+
+def parse(args: Sequence[str], exit_on_error: bool = True) -> ParseOnlyCLI:
+    """Parse ``args`` (config files and overrides, no subcommand) exactly as ``ep-kit`` does, building nothing.
+
+    For tools that read recipes (:func:`ep_kit.recipes.method_from_recipe`, the recipe tests): the
+    result's ``config`` is the resolved configuration and ``parser`` parses further argument lists.
+    Placeholder paths are fine, since no model, data or trainer is built. The recipe's
+    ``seed_everything`` still seeds the global generators, as any LightningCLI parse does; pass
+    ``--seed_everything=false`` to leave them alone.
+    """
+    return _build(list(args), run_subcommand=False, cli_class=ParseOnlyCLI, parser_kwargs={"exit_on_error": exit_on_error})
+
+
+def _build(
+    args: Sequence[str] | dict | None,
+    run_subcommand: bool,
+    cli_class: type[EPKitCLI] = EPKitCLI,
+    parser_kwargs: dict[str, Any] | None = None,
+) -> EPKitCLI:
+    return cli_class(
         EPKitModule,
         AVDataModule,
         subclass_mode_data=True,
@@ -235,6 +259,7 @@ def _build(args: Sequence[str] | dict | None, run_subcommand: bool) -> EPKitCLI:
                 "init_args": {"save_dir": "runs", "name": "ep-kit"},
             },
         },
+        parser_kwargs=parser_kwargs or {},
         args=args,
         run=run_subcommand,
     )

@@ -289,8 +289,15 @@ def tokens_per_layer(
 ) -> list[int]:
     """LLM tokens each decoder layer processes under ``reducer`` at ``keep_ratio``: text (always kept)
     plus the reducer's A/V candidates of that layer (:meth:`TokenReducer.token_schedule`)."""
+    return _layer_tokens(counts, schedule_of(config, counts, reducer, keep_ratio))
+
+
+def _layer_tokens(counts: dict[str, Any], schedule: TokenSchedule, tokens: Sequence[int] | None = None) -> list[int]:
+    """LLM tokens per decoder layer: the measured ``tokens`` when given, else text + the schedule's candidates."""
+    if tokens is not None:
+        return list(tokens)
     text = int(counts["text"])
-    return [text + int(n) for n in schedule_of(config, counts, reducer, keep_ratio).candidates_per_layer]
+    return [text + int(n) for n in schedule.candidates_per_layer]
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -310,13 +317,12 @@ def prefill_flops(
     lm_head (what runs after the media embedding); ``end_to_end`` adds the encoders.
     """
     schedule = schedule_of(config, counts, reducer, keep_ratio)
-    text = int(counts["text"])
-    per_layer = list(tokens) if tokens is not None else [text + int(n) for n in schedule.candidates_per_layer]
+    per_layer = _layer_tokens(counts, schedule, tokens)
     enc = encoder_flops(config, counts)
     n_av = int(counts["video"]) + int(counts["audio"])
     sieve = sieve_flops(config, int(counts["total"]), schedule.sieve_layers, schedule.scorer_on_all_tokens)
     llm = llm_flops(config, per_layer, logits)
-    n_cand = [n - text for n in per_layer]
+    n_cand = [n - int(counts["text"]) for n in per_layer]
     return {
         "vision": enc["vision"],
         "audio": enc["audio"],
@@ -421,8 +427,7 @@ def prefill_bytes(
     t = _text(config)
     params = param_counts(config)
     schedule = schedule_of(config, counts, reducer, keep_ratio)
-    text = int(counts["text"])
-    per_layer = list(tokens) if tokens is not None else [text + int(n) for n in schedule.candidates_per_layer]
+    per_layer = _layer_tokens(counts, schedule, tokens)
     scorer = t.hidden_size * t.hidden_size + 3 * t.hidden_size + 1 if schedule.scorer_on_all_tokens else 0
     sieve = schedule.sieve_layers * params["decoder_layer"] + scorer
     weights = (params["total"] + sieve) * bytes_per_value

@@ -125,18 +125,18 @@ def method_from_recipe(configs: Sequence[str | Path] | str | Path) -> RecipeMeth
         rope=built.rope,
         configs=tuple(files),
         candidate_modalities=tuple(model.get("candidate_modalities") or ("video", "audio")),
-        reducer_config=None if reducer_cfg is None else _plain(reducer_cfg),
+        reducer_config=None if reducer_cfg is None else plain_config(reducer_cfg),
     )
 
 
-def _plain(value: Any) -> Any:
+def plain_config(value: Any) -> Any:
     """A parsed jsonargparse value as plain dicts/lists (private ``__path__`` entries dropped)."""
     if hasattr(value, "as_dict"):
         value = value.as_dict()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if k != "__path__"}
+        return {k: plain_config(v) for k, v in value.items() if k != "__path__"}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [plain_config(v) for v in value]
     return value
 
 
@@ -144,30 +144,13 @@ def _parse_model_config(files: Sequence[Path], named: str) -> Any:
     """``model`` of the merged config of ``files``, parsed by the kit's CLI parser without instantiating anything."""
     from jsonargparse import ArgumentError
 
-    from ep_kit.cli import EPKitCLI
-    from ep_kit.data import AVDataModule
-    from ep_kit.train.module import EPKitModule
-
-    class ParseOnly(EPKitCLI):
-        """The ``ep-kit`` parser (same classes, links and parsing); building the classes is skipped."""
-
-        def instantiate_classes(self) -> None:
-            self.config_init = None
+    from ep_kit.cli import parse
 
     args = [a for p in files for a in ("--config", str(p))]
     # A parse must not reseed the caller's random generators: the recipe's seed is for runs.
     args.append("--seed_everything=false")
     try:
-        # The same core classes and modes as ep_kit.cli.run (trainer defaults only touch `trainer`).
-        cli = ParseOnly(
-            EPKitModule,
-            AVDataModule,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            parser_kwargs={"exit_on_error": False},
-            args=args,
-            run=False,
-        )
+        cli = parse(args, exit_on_error=False)
     except (ArgumentError, SystemExit) as err:
         raise ValueError(f"{named}: not a valid ep-kit config: {err}") from err
     return cli.config.model
@@ -187,6 +170,20 @@ def _instantiate_method_parts(reducer: Any, rope: Any, named: str) -> Any:
         return parser.instantiate_classes(parser.parse_object({"reducer": reducer, "rope": rope}))
     except (ArgumentError, TypeError, ValueError) as err:
         raise ValueError(f"{named}: model.reducer / model.rope could not be built: {err}") from err
+
+
+def baseline_keys(rows_dir: Path | str) -> list[str]:
+    """The training-free methods with row recipes ``<key>_<pct>.yaml`` in ``rows_dir``, sorted by key.
+
+    The one discovery rule of the table drivers: a new baseline's recipes add its rows, with no edit
+    to the main table or the efficiency benchmark.
+    """
+    keys = set()
+    for path in Path(rows_dir).glob("*_*.yaml"):
+        key, _, pct = path.stem.rpartition("_")
+        if pct.isdigit():
+            keys.add(key)
+    return sorted(keys)
 
 
 #: file names of the evaluation base a ``baselines/`` overlay goes on, looked up in its folder, then one up.

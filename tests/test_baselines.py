@@ -466,10 +466,9 @@ def test_omnizip_budget_anchors_and_windows(tiny_model, tiny_config, av_batch, a
     with torch.no_grad():
         out = model(batch)
         full = model.embed(batch)
-    sal = model.reducer  # anchors = top salience tokens, recomputed with a fresh encoder pass
-    ctx = model.context(full, batch)
+    # anchors = top salience tokens, recomputed with a fresh encoder pass
     with torch.no_grad():
-        salience = sal.audio_token_salience(ctx)
+        salience = model.audio_token_salience(batch)
     offset = 0
     for b in range(2):
         n_a, n_v = int(full.count(Modality.AUDIO)[b]), int(full.count(Modality.VIDEO)[b])

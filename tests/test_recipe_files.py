@@ -27,10 +27,8 @@ import pytest
 import yaml
 from _toy import REPO
 
-from ep_kit.cli import EPKitCLI
-from ep_kit.data import AVDataModule
-from ep_kit.recipes import overlay_base, recipe_configs
-from ep_kit.train.module import EPKitModule
+from ep_kit.cli import parse as parse_only
+from ep_kit.recipes import overlay_base, plain_config, recipe_configs
 
 RECIPES = REPO / "recipes"
 TOY = RECIPES / "toy"
@@ -100,20 +98,10 @@ def configs_of(path: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------- parsing
-class ParseOnlyCLI(EPKitCLI):
-    """Builds the kit's parser and parses (links, nested files, types) without building anything."""
-
-    def instantiate_classes(self) -> None:
-        self.config_init = self.config
-
-
 @pytest.fixture(scope="module")
 def parse():
     """``parse(configs, *extra)`` -> the resolved config as a plain dict (the ``config`` list left out)."""
-    cli = ParseOnlyCLI(
-        EPKitModule, AVDataModule, subclass_mode_data=True, auto_configure_optimizers=False, run=False,
-        args=["--config", str(TOY / "cs2_ste_20.yaml")],
-    )
+    cli = parse_only(["--config", str(TOY / "cs2_ste_20.yaml")])
     parser = cli.parser
     cache: dict[tuple, dict] = {}
 
@@ -122,19 +110,10 @@ def parse():
         if key not in cache:
             cfg = parser.parse_args([*(a for c in configs for a in ("--config", str(c))), *extra]).as_dict()
             cfg.pop("config", None)
-            cache[key] = strip_paths(cfg)
+            cache[key] = plain_config(cfg)
         return cache[key]
 
     return run
-
-
-def strip_paths(value: Any) -> Any:
-    """The config without jsonargparse's ``__path__`` bookkeeping (where a nested file came from)."""
-    if isinstance(value, dict):
-        return {k: strip_paths(v) for k, v in value.items() if k != "__path__"}
-    if isinstance(value, list):
-        return [strip_paths(v) for v in value]
-    return value
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -39,6 +39,7 @@ import importlib.util
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +103,24 @@ class Prefill:
         context: the reduction context (budget, candidate pool, reducer diagnostics in ``stats``).
         key_masks: ``key_masks[i]`` = ``(B, L_i)`` padding mask of the keys decoder layer ``i`` saw
             (and cached): what decoding attends to.
-        stats: :meth:`OmniThinker.budget_stats` of this prefill.
         marks: timing marks from ``clock()`` at start, after embedding (encoders), after the pre-LLM
             reduction (sieve) and after the decoder; empty without a clock.
+        stats: :meth:`OmniThinker.budget_stats` of this prefill, computed on first access (it syncs
+            with the host; generation never asks for it).
     """
 
     full: TokenSequence
     kept: TokenSequence
     context: ReductionContext
     key_masks: list[Tensor]
-    stats: dict[str, Any]
     marks: list[Any] = field(default_factory=list)
+    model: OmniThinker | None = field(default=None, repr=False)
+
+    @cached_property
+    def stats(self) -> dict[str, Any]:
+        if self.model is None:
+            raise ValueError("Prefill.stats needs the model that ran the prefill (Prefill.model)")
+        return self.model.budget_stats(self.full, self.kept, self.context)
 
 
 def _load_json(path: Path) -> dict:
@@ -451,7 +459,9 @@ class OmniThinker(nn.Module):
         """``(N_audio_tokens,)`` attention each LLM audio token receives in the audio tower's last layer."""
         feats, fmask = batch.get("input_features"), batch.get("feature_attention_mask")
         if feats is None or fmask is None:
-            raise ValueError("audio salience needs batch['input_features'] and batch['feature_attention_mask']")
+            raise ValueError(
+                "audio-token salience (OmniZip) needs batch['input_features'] and batch['feature_attention_mask']"
+            )
         self.enable_audio_salience()
         assert self._audio_probe is not None
         return self._audio_probe.token_salience(self.thinker.model.get_audio_features, feats, fmask)
@@ -677,7 +687,7 @@ class OmniThinker(nn.Module):
         seq, key_masks = self.run_llm(seq, ctx, cache=cache)
         if clock is not None:
             marks.append(clock())
-        return Prefill(full, seq, ctx, key_masks, self.budget_stats(full, seq, ctx), marks)
+        return Prefill(full, seq, ctx, key_masks, marks, model=self)
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits of decoder outputs: final norm, then lm_head (on whatever rows are given)."""

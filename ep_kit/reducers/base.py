@@ -24,7 +24,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ep_kit.budget import keep_count
 from ep_kit.masks import AttentionMode
 from ep_kit.sequence import TokenSequence
 
@@ -144,7 +143,3 @@ class TokenReducer(nn.Module):
         kept = self.kept_candidates(n_video, n_audio, keep_ratio)
         return TokenSchedule((kept,) * num_layers, self.sieve_layers)
 
-
-def joint_keep_count(n_video: int, n_audio: int, keep_ratio: float) -> int:
-    """One Top-K over the unified A/V pool: ``keep_count(n_video + n_audio, r)``."""
-    return keep_count(n_video + n_audio, keep_ratio)

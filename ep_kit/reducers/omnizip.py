@@ -199,14 +199,6 @@ class OmniZip(TokenReducer):
         self.positions_per_second = model.positions_per_second
         model.enable_audio_salience()
 
-    def audio_token_salience(self, ctx: ReductionContext) -> Tensor:
-        """``(N_audio_tokens,)`` salience of every audio token of the batch, in placeholder order."""
-        if ctx.batch.get("input_features") is None or ctx.batch.get("feature_attention_mask") is None:
-            raise ValueError(
-                "OmniZip needs batch['input_features'] and batch['feature_attention_mask'] for audio salience"
-            )
-        return ctx.model.audio_token_salience(ctx.batch)
-
     # ------------------------------------------------------------ selection
     def _windows(self, t: Tensor) -> Tensor:
         width = self.window_seconds * self.positions_per_second
@@ -264,7 +256,7 @@ class OmniZip(TokenReducer):
         r = check_ratio(ctx.keep_ratio)
         candidates = ctx.candidates & seq.attention_mask
         audio_mask = seq.is_modality(Modality.AUDIO)
-        salience_all = self.audio_token_salience(ctx) if bool(audio_mask.any()) else None
+        salience_all = ctx.model.audio_token_salience(ctx.batch) if bool(audio_mask.any()) else None
         if salience_all is not None and salience_all.shape[0] != int(audio_mask.sum()):
             raise ValueError(
                 f"OmniZip: {salience_all.shape[0]} audio salience values for {int(audio_mask.sum())} audio tokens"
