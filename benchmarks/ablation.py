@@ -17,6 +17,12 @@ its ``last.ckpt``. Writes ``ablation_<scale>[_quick].md`` (table with the paper'
 the command, the commit, which of the paper's orderings hold; at real scale each row's commands,
 commit and checkpoint), ``.csv`` and ``.png`` into ``--out`` (default ``runs/tables``: the committed
 results in ``benchmarks/results/`` are only rewritten when you ask for it with ``--out``).
+
+The encoders are frozen in every row, so all rows (and seeds) of one table run share one on-disk
+cache of their outputs (:class:`ep_kit.models.feature_cache.EncoderFeatureCache`, per clip, keyed by
+the processed media and the encoder weights): only the first row pays for the audio and vision
+towers. It lives in ``<out>/feature_cache`` (``<out>/ablation_real[_quick]/feature_cache`` at real
+scale); ``--no-feature-cache`` runs the encoders on every batch instead.
 """
 
 from __future__ import annotations
@@ -50,8 +56,21 @@ def commit() -> str:
     return git_commit(REPO)
 
 
-def run_row(recipe: Path, seed: int, quick: bool) -> dict[str, float]:
-    """Fit one row (an ablation overlay on its base) for one seed and test it; returns the test metrics."""
+def feature_cache_args(root: Path | None) -> list[str]:
+    """``ep-kit`` arguments that give the model an encoder-feature cache at ``root`` (none for None)."""
+    if root is None:
+        return []
+    return [
+        "--model.feature_cache=ep_kit.models.feature_cache.EncoderFeatureCache",
+        f"--model.feature_cache.root={root}",
+    ]
+
+
+def run_row(recipe: Path, seed: int, quick: bool, feature_cache: Path | None = None) -> dict[str, float]:
+    """Fit one row (an ablation overlay on its base) for one seed and test it; returns the test metrics.
+
+    ``feature_cache``: directory of the encoder-feature cache every row shares (None: no cache).
+    """
     from ep_kit.cli import fit_then_test
     from ep_kit.recipes import config_args
 
@@ -61,6 +80,7 @@ def run_row(recipe: Path, seed: int, quick: bool) -> dict[str, float]:
         f"--trainer.logger.init_args.name=ablation/{recipe.stem}/seed{seed}",
         "--trainer.enable_progress_bar=false",
         "--model.print_metrics=false",
+        *feature_cache_args(feature_cache),
     ]
     if quick:
         args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=1"]
@@ -253,6 +273,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--rows", nargs="*", default=None, help="subset of recipe names (default: all, paper order)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tables",
                         help="where the table goes (default runs/tables; benchmarks/results holds the recorded ones)")
+    parser.add_argument("--no-feature-cache", action="store_true",
+                        help="run the frozen encoders on every batch (default: rows share <out>/feature_cache)")
     add_real_scale_arguments(parser)
     args = parser.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else (3 if args.scale == "toy" and not args.quick else 1)
@@ -266,16 +288,20 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.time()
     if args.scale == "real":
         out = args.out.resolve()
-        scale = real_scale_from_args(args, out / ("ablation_real" + ("_quick" if args.quick else "")), args.quick)
+        root = out / ("ablation_real" + ("_quick" if args.quick else ""))
+        scale = real_scale_from_args(args, root, args.quick)
+        if not args.no_feature_cache:
+            scale.runner.extra += feature_cache_args(root / "feature_cache")
         table = real_rows(rows, seeds, scale)
         md = write_real_outputs(out, table, command, time.time() - start, args.quick, scale.source)
         print(md.read_text())
         return md
+    cache = None if args.no_feature_cache else args.out.resolve() / "feature_cache"
     table = []
     for recipe, name, paper in rows:
         accs, keeps, audio = [], [], []
         for seed in range(seeds):
-            m = run_row(REPO / "recipes" / args.scale / f"{recipe}.yaml", seed, args.quick)
+            m = run_row(REPO / "recipes" / args.scale / f"{recipe}.yaml", seed, args.quick, cache)
             accs.append(m["test/acc"])
             keeps.append(m["test/realised_keep_ratio"])
             audio.append(m["test/audio_share"])
@@ -286,6 +312,9 @@ def main(argv: list[str] | None = None) -> Path:
             "mean": statistics.fmean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
             "keep": statistics.fmean(keeps), "audio": statistics.fmean(audio),
         })
+    if cache is not None:
+        print(f"[ablation] encoder feature cache: {sum(1 for _ in cache.rglob('*.safetensors'))} clips' "
+              f"features in {cache}", flush=True)
     md = write_outputs(args.out, args.scale, table, command, time.time() - start, args.quick)
     print(md.read_text())
     return md

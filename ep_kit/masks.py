@@ -100,10 +100,8 @@ class AttentionMode:
         keys = key_mask(seq, exclude_answer_keys)
         allowed = self.pattern(seq).expand(B, L, L) & keys[:, None, :]
         empty = ~allowed.any(-1)  # (B, L) rows with no key at all
-        if bool(empty.any()):
-            eye = torch.eye(L, dtype=torch.bool, device=allowed.device)
-            allowed = allowed | (eye[None] & empty[:, :, None])
-        return allowed[:, None]
+        eye = torch.eye(L, dtype=torch.bool, device=allowed.device)  # unconditionally: no host read
+        return (allowed | (eye[None] & empty[:, :, None]))[:, None]
 
     # -------------------------------------------------------- layer kwargs
     def layer_kwargs(
@@ -112,20 +110,24 @@ class AttentionMode:
         attn_implementation: str = "sdpa",
         dtype: torch.dtype = torch.float32,
         exclude_answer_keys: bool = False,
+        *,
+        every_key: bool = False,
     ) -> dict:
         """``dict(attention_mask=..., is_causal=...)`` for a transformers decoder layer's forward.
 
         See the module docstring for the form chosen per backend. Only the rows of real query
-        tokens are guaranteed exact; padding rows are finite but meaningless.
+        tokens are guaranteed exact; padding rows are finite but meaningless. ``every_key=True`` is
+        the caller's guarantee that every token is real and a key (no padding, no excluded answer,
+        e.g. a batch it trimmed itself), which spares the host read that would check it.
         """
         impl = attn_implementation
         if impl.startswith("flash_attention") or "flash" in impl:
-            return self._flash_kwargs(seq, exclude_answer_keys, impl)
+            return self._flash_kwargs(seq, exclude_answer_keys, impl, every_key)
         if impl not in ("sdpa", "eager"):
             raise ValueError(
                 f"attn_implementation {impl!r} is not supported by {self!r}; use one of {SUPPORTED_IMPLEMENTATIONS}"
             )
-        mask, is_causal = self._cheapest_bool(seq, exclude_answer_keys)
+        mask, is_causal = self._cheapest_bool(seq, exclude_answer_keys, every_key)
         if impl == "sdpa":
             return {"attention_mask": mask, "is_causal": is_causal}
         # eager: additive float, and it never looks at is_causal.
@@ -137,28 +139,41 @@ class AttentionMode:
                 mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=seq.attention_mask.device)
         return {"attention_mask": to_additive(mask, dtype), "is_causal": False}
 
-    def _cheapest_bool(self, seq: TokenSequence, exclude_answer_keys: bool) -> tuple[Tensor | None, bool]:
-        """Smallest bool mask (or None + causal flag) exactly equal to :meth:`dense` on real query rows."""
+    def _cheapest_bool(
+        self, seq: TokenSequence, exclude_answer_keys: bool, every_key: bool = False
+    ) -> tuple[Tensor | None, bool]:
+        """Smallest bool mask (or None + causal flag) exactly equal to :meth:`dense` on real query rows.
+
+        At most one host read decides the form (none for intra-modal, whose mask is always dense, or
+        when the caller vouches ``every_key``).
+        """
+        if not (self.full or self.causal):
+            return self.dense(seq, exclude_answer_keys), False
+        if every_key:
+            return None, self.causal
         keys = key_mask(seq, exclude_answer_keys)
-        every_key = bool(keys.all())
         if self.full:
-            if every_key:
+            every, no_empty_row = torch.stack([keys.all(), keys.any(-1).all()]).tolist()
+            if every:
                 return None, False
-            if bool(keys.any(-1).all()):  # every sample keeps at least one key: no row is empty
+            if no_empty_row:  # every sample keeps at least one key: the key mask alone is exact
                 return keys[:, None, None, :], False
             return self.dense(seq, exclude_answer_keys), False
-        if self.causal:
-            no_excluded = bool(torch.equal(keys, seq.attention_mask))
-            if no_excluded and is_right_padded(seq.attention_mask):
-                return None, True
+        # Causal: the flag alone is exact when nothing is excluded and padding only trails each row.
+        real = seq.attention_mask
+        right = torch.arange(real.shape[-1], device=real.device)[None, :] < real.sum(-1, keepdim=True)
+        if not bool(((keys != real) | (right != real)).any()):
+            return None, True
         return self.dense(seq, exclude_answer_keys), False
 
-    def _flash_kwargs(self, seq: TokenSequence, exclude_answer_keys: bool, impl: str) -> dict:
+    def _flash_kwargs(self, seq: TokenSequence, exclude_answer_keys: bool, impl: str, every_key: bool = False) -> dict:
         if not (self.full or self.causal):
             raise ValueError(
                 f"{self!r} cannot run with attn_implementation={impl!r}: flash attention only takes a padding "
                 "mask and a causal flag; use 'sdpa' or 'eager'"
             )
+        if every_key:
+            return {"attention_mask": None, "is_causal": self.causal}
         if exclude_answer_keys and bool((seq.answer_mask & seq.attention_mask).any()):
             raise ValueError(
                 f"exclude_answer_keys=True cannot be expressed with attn_implementation={impl!r} (answer tokens "

@@ -30,7 +30,8 @@ class Selection:
 
     Attributes:
         keep: ``(B, L)`` bool, True on the selected candidates only (never on non-candidates).
-        weight: ``(B, L)`` float32 straight-through weights, or None (no gradient path). 1.0 on
+        weight: ``(B, L)`` float32 straight-through weights, or None (no gradient path: a hard
+            selector, autograd off, or scores outside the autograd graph). 1.0 on
             kept tokens and on non-candidates in the forward pass; values on dropped candidates are
             irrelevant (they are dropped).
         k: ``(B,)`` long, number of tokens kept per sample (the realised budget).
@@ -47,7 +48,12 @@ class Selection:
         return hidden * self.weight[..., None].to(hidden.dtype)
 
 
-def _check_inputs(scores: Tensor, candidates: Tensor, modality: Tensor | None) -> None:
+def nan_at_candidates(scores: Tensor, candidates: Tensor) -> Tensor:
+    """0-dim bool device tensor: some candidate's score is NaN (no host sync until it is read)."""
+    return (torch.isnan(scores.detach()) & candidates).any()
+
+
+def _check_inputs(scores: Tensor, candidates: Tensor, modality: Tensor | None, check_nan: bool = True) -> None:
     if scores.ndim != 2:
         raise ValueError(f"scores must have shape (B, L), got {tuple(scores.shape)}")
     if tuple(candidates.shape) != tuple(scores.shape):
@@ -60,7 +66,7 @@ def _check_inputs(scores: Tensor, candidates: Tensor, modality: Tensor | None) -
         raise ValueError(
             f"modality shape {tuple(modality.shape)} must equal scores shape {tuple(scores.shape)}"
         )
-    if bool(torch.isnan(scores.detach()[candidates]).any()):
+    if check_nan and bool(nan_at_candidates(scores, candidates)):
         raise ValueError("scores contain NaN at candidate tokens")
 
 
@@ -90,12 +96,16 @@ def masked_softmax(logits: Tensor, candidates: Tensor) -> Tensor:
 
 
 class Selector(nn.Module):
-    """Base: ``forward(scores, candidates, ratio, modality) -> Selection``."""
+    """Base: ``forward(scores, candidates, ratio, modality) -> Selection``.
+
+    ``check_nan=False`` skips the NaN check (a host sync) for callers that make it themselves,
+    fused with their own sync (:class:`~ep_kit.reducers.score_select.ScoreSelect`).
+    """
 
     def forward(
-        self, scores: Tensor, candidates: Tensor, ratio: float, modality: Tensor | None = None
+        self, scores: Tensor, candidates: Tensor, ratio: float, modality: Tensor | None = None, check_nan: bool = True
     ) -> Selection:
-        _check_inputs(scores, candidates, modality)
+        _check_inputs(scores, candidates, modality, check_nan)
         r = check_ratio(ratio)
         k = keep_counts(candidates.sum(-1), r)
         return self._select(scores, candidates, k)
@@ -106,6 +116,15 @@ class Selector(nn.Module):
     def kept_count(self, n_video: int, n_audio: int, ratio: float) -> int:
         """Candidates kept from a sample with these pools: one joint ``keep_count(n_video + n_audio, r)``."""
         return keep_count(n_video + n_audio, ratio)
+
+
+def _needs_gradient(scores: Tensor) -> bool:
+    """Whether straight-through weights can carry a gradient: autograd on and the scores in the graph.
+
+    Under ``torch.no_grad`` (evaluation, generation) the weights would be exactly 1 with no backward:
+    skipping them saves the softmax, the multiply into the hidden states and their launches.
+    """
+    return torch.is_grad_enabled() and scores.requires_grad
 
 
 def _straight_through(keep: Tensor, y_soft: Tensor, candidates: Tensor) -> Tensor:
@@ -139,6 +158,8 @@ class STETopK(Selector):
 
     def _select(self, scores: Tensor, candidates: Tensor, k: Tensor) -> Selection:
         keep = top_k_mask(scores, candidates, k)
+        if not _needs_gradient(scores):
+            return Selection(keep=keep, weight=None, k=k)
         y_soft = masked_softmax(scores.float() / self.tau, candidates)
         return Selection(keep=keep, weight=_straight_through(keep, y_soft, candidates), k=k)
 
@@ -162,6 +183,8 @@ class GumbelTopK(Selector):
             gumbel = -torch.empty_like(s).exponential_().log()
             s = s + gumbel
         keep = top_k_mask(s, candidates, k)
+        if not _needs_gradient(scores):
+            return Selection(keep=keep, weight=None, k=k)
         y_soft = masked_softmax(s / self.tau, candidates)
         return Selection(keep=keep, weight=_straight_through(keep, y_soft, candidates), k=k)
 
@@ -179,20 +202,20 @@ class PerModalityTopK(Selector):
         self.selector = selector
 
     def forward(
-        self, scores: Tensor, candidates: Tensor, ratio: float, modality: Tensor | None = None
+        self, scores: Tensor, candidates: Tensor, ratio: float, modality: Tensor | None = None, check_nan: bool = True
     ) -> Selection:
         if modality is None:
             raise ValueError("PerModalityTopK needs the modality ids (modality=None given)")
-        _check_inputs(scores, candidates, modality)
+        _check_inputs(scores, candidates, modality, check_nan)
         check_ratio(ratio)
         keep = torch.zeros_like(candidates)
         weight: Tensor | None = torch.ones(scores.shape, dtype=torch.float32, device=scores.device)
         k = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
-        for m in Modality:
+        # Every modality's pool is selected, empty or not (an empty pool keeps 0): asking the host
+        # which pools are empty would cost a sync per modality. Padding is never a candidate.
+        for m in (Modality.VIDEO, Modality.AUDIO, Modality.TEXT):
             pool = candidates & (modality == int(m))
-            if not bool(pool.any()):
-                continue
-            sel = self.selector(scores, pool, ratio, modality)
+            sel = self.selector(scores, pool, ratio, modality, check_nan=False)
             keep |= sel.keep
             k += sel.k
             if sel.weight is None:

@@ -136,22 +136,31 @@ class TokenSequence:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ gather
-    def keep(self, keep: Tensor) -> TokenSequence:
+    def keep(self, keep: Tensor, length: int | None = None) -> TokenSequence:
         """Keep the tokens where ``keep`` (``(B, L)`` bool) is True, per sample, in original order.
 
         Padding is never kept. The result is right-padded again to the longest kept row. Hidden
         states are gathered with autograd (so straight-through weights multiplied into ``hidden``
         before the call carry their gradient), everything else is gathered as data.
+
+        ``length``: the longest kept row, when the caller already read it (:meth:`kept_length`)
+        together with other values in one host sync; else it is read here (one sync).
         """
         if tuple(keep.shape) != tuple(self.attention_mask.shape):
             raise ValueError(f"keep mask must have shape {tuple(self.attention_mask.shape)}, got {tuple(keep.shape)}")
         keep = keep.bool() & self.attention_mask
         counts = keep.sum(-1)
-        new_len = int(counts.max().item()) if keep.numel() else 0
+        new_len = length if length is not None else (int(counts.max().item()) if keep.numel() else 0)
         # Stable sort puts kept tokens first, in their original order.
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :new_len]
         valid = torch.arange(new_len, device=keep.device)[None, :] < counts[:, None]
         return self.gather(order, valid)
+
+    def kept_length(self, keep: Tensor) -> Tensor:
+        """0-dim device tensor: the longest row :meth:`keep` would return for ``keep`` (read it on the host
+        together with other checks, then pass it as ``keep(mask, length=...)``)."""
+        counts = (keep.bool() & self.attention_mask).sum(-1)
+        return counts.max() if counts.numel() else counts.new_zeros(())
 
     def gather(self, index: Tensor, valid: Tensor) -> TokenSequence:
         """Gather ``index`` (``(B, K)``) per sample; slots where ``valid`` is False become padding."""

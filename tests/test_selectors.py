@@ -198,6 +198,7 @@ def test_gumbel_eval_is_hard_topk_and_training_is_noisy():
     cand[:, :3] = False
     gumbel = GumbelTopK(tau=1.0).eval()
     hard = HardTopK()(scores, cand, 0.2)
+    scores.requires_grad_()
     for _ in range(3):
         sel = gumbel(scores, cand, 0.2)
         assert torch.equal(sel.keep, hard.keep)
@@ -236,3 +237,23 @@ def test_shape_and_argument_errors():
         PerModalityTopK(HardTopK())(torch.zeros(1, 5), torch.ones(1, 5, dtype=torch.bool), 0.5)
     with pytest.raises(ValueError, match="tau must be > 0, got 0"):
         STETopK(tau=0)
+
+
+@pytest.mark.parametrize("selector", [STETopK(), GumbelTopK(), PerModalityTopK(STETopK())])
+def test_no_straight_through_weights_without_a_gradient_path(selector):
+    """Under no_grad (evaluation) or on scores outside the graph the weights would be exactly 1 with
+    nothing to backpropagate: none are computed, and the selection equals the hard Top-K's."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 12, generator=g, requires_grad=True)
+    cand = torch.ones(2, 12, dtype=torch.bool)
+    modality = torch.tensor([[1] * 6 + [2] * 6] * 2)
+    selector.eval()
+    hard = (PerModalityTopK(HardTopK()) if isinstance(selector, PerModalityTopK) else HardTopK())(
+        scores, cand, 0.25, modality)
+    with torch.no_grad():
+        sel = selector(scores, cand, 0.25, modality)
+    assert sel.weight is None and torch.equal(sel.keep, hard.keep)
+    detached = selector(scores.detach(), cand, 0.25, modality)
+    assert detached.weight is None and torch.equal(detached.keep, hard.keep)
+    live = selector(scores, cand, 0.25, modality)
+    assert live.weight is not None and live.weight.requires_grad and torch.equal(live.keep, hard.keep)

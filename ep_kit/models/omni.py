@@ -56,6 +56,8 @@ from ep_kit.budget import check_ratio
 from ep_kit.masks import AttentionMode, Causal
 from ep_kit.models.attention import AudioSalienceProbe, decoder_attention_row
 from ep_kit.models.checkpoint import load_extras_from_dir
+from ep_kit.models.feature_cache import EncoderFeatureCache
+from ep_kit.models.vision_attention import set_grouped_vision_attention
 from ep_kit.reducers.base import ReductionContext, TokenReducer
 from ep_kit.rope import MultiAxisRoPE, TMRoPE
 from ep_kit.sequence import Modality, TokenSequence, answer_span
@@ -80,14 +82,15 @@ class OmniOutput:
 
     Attributes:
         loss: mean next-token cross-entropy over the kept labels (HF shift convention), or None.
-        logits: ``(B, L_kept, V)`` logits at the kept tokens, aligned with ``kept``.
+        logits: ``(B, L_kept, V)`` logits at the kept tokens, aligned with ``kept``; None when the
+            forward ran with ``logits="labels"`` (lm_head on the labelled rows only).
         kept: the sequence the last decoder layer ran on (right padded, original positions,
             ``source_index`` = input column of each kept token); ``hidden`` = final-norm output.
         stats: per-sample kept counts per modality, realised keep ratio, audio share, reducer extras.
     """
 
     loss: Tensor | None
-    logits: Tensor
+    logits: Tensor | None
     kept: TokenSequence
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -210,6 +213,14 @@ class OmniThinker(nn.Module):
         candidate_modalities: which modalities form the pool (``"video"`` covers images too).
         freeze_encoders: audio and vision encoders get ``requires_grad=False`` (paper setting).
         train_llm: whether the decoder, embeddings and lm_head are trainable.
+        feature_cache: on-disk cache of the frozen encoders' outputs (per sample; see
+            :mod:`ep_kit.models.feature_cache`), or None. Needs ``freeze_encoders=True``
+            (``ValueError`` otherwise); skipped for audio while OmniZip's salience probe is on.
+        grouped_vision_attention: when the vision tower runs ``sdpa``, run its window attention as one
+            SDPA call per window length instead of one per window (same outputs; see
+            :mod:`ep_kit.models.vision_attention`). Set on the thinker's vision config, so it also
+            applies to ``thinker`` used directly. ``eager`` and ``flash_attention_2`` are left as they
+            are; False switches a grouped thinker back to stock ``sdpa``.
     """
 
     def __init__(
@@ -221,8 +232,15 @@ class OmniThinker(nn.Module):
         candidate_modalities: Sequence[str] = ("video", "audio"),
         freeze_encoders: bool = True,
         train_llm: bool = True,
+        feature_cache: EncoderFeatureCache | None = None,
+        grouped_vision_attention: bool = True,
     ) -> None:
         super().__init__()
+        if feature_cache is not None and not freeze_encoders:
+            raise ValueError(
+                "feature_cache needs frozen encoders (freeze_encoders=True): trainable encoders change their "
+                "outputs every step, so cached features would be stale"
+            )
         if not isinstance(thinker, Qwen2_5OmniThinkerForConditionalGeneration):
             raise TypeError(
                 f"thinker must be a Qwen2_5OmniThinkerForConditionalGeneration, got {type(thinker).__name__}"
@@ -243,6 +261,7 @@ class OmniThinker(nn.Module):
             raise ValueError(
                 f"attn_implementation {self.attn_implementation!r} is not supported; use one of {SUPPORTED_ATTN}"
             )
+        set_grouped_vision_attention(thinker, grouped_vision_attention)
         self.keep_ratio = check_ratio(keep_ratio, "keep_ratio")
         names = list(candidate_modalities)
         bad = [n for n in names if n not in CANDIDATE_NAMES]
@@ -253,6 +272,7 @@ class OmniThinker(nn.Module):
         self.candidate_modalities = tuple(dict.fromkeys(names))
         self.causal = Causal()
         self._audio_probe: AudioSalienceProbe | None = None
+        self.feature_cache = feature_cache
         self.set_encoders_trainable(not freeze_encoders)
         self.set_llm_trainable(train_llm)
         self.reducer = reducer
@@ -424,20 +444,101 @@ class OmniThinker(nn.Module):
         layers = nn.ModuleList(copy.deepcopy(self.decoder_layers[i]) for i in range(count))
         return layers.requires_grad_(True)
 
-    def run_layer_copies(self, layers: nn.ModuleList, seq: TokenSequence, attention: AttentionMode) -> Tensor:
+    def run_layer_copies(
+        self,
+        layers: nn.ModuleList,
+        seq: TokenSequence,
+        attention: AttentionMode,
+        *,
+        lengths: Sequence[int] | None = None,
+        answer_free: bool = False,
+    ) -> Tensor:
         """Run ``layers`` (copies made by :meth:`copy_decoder_layers`) on ``seq`` under ``attention``.
 
         Answer tokens are never keys (nothing leaks from the answer); positions are ``seq.positions``
-        through the model's rotary module. Returns the last layer's hidden states.
+        through the model's rotary module. Returns the last layer's hidden states on the real tokens;
+        padding rows are zero.
+
+        Padding is never computed: a padded batch runs one group of equal-length samples at a time,
+        each trimmed to its length (:meth:`_equal_length_groups`), so no padding row goes through the
+        layers and the attention needs no padding mask. The real rows are those of one padded run
+        (padding keys are masked there), up to float rounding.
+
+        ``lengths`` (the samples' real lengths of a right-padded ``seq``, already on the host) and
+        ``answer_free`` (no real token is an answer) are what a caller that built ``seq`` knows; they
+        spare the host reads that would find them out, so the run costs no sync of its own.
         """
+        groups = self._equal_length_groups(seq.attention_mask, lengths)
+        if groups is None:
+            return self._run_copies(layers, seq, attention)
+        L = seq.hidden.shape[1]
+        if len(groups) == 1 and groups[0][0] == L:  # no padding at all: one run, as it is
+            return self._run_copies(layers, seq, attention, every_key=answer_free)
+        hidden = torch.zeros_like(seq.hidden)
+        for n, rows in groups:
+            if n > 0:
+                pick = self._batch_index(rows, seq.hidden.device)
+                hidden[pick, :n] = self._run_copies(layers, self._sample_rows(seq, pick, n), attention, every_key=answer_free)
+        return hidden
+
+    def _run_copies(
+        self, layers: nn.ModuleList, seq: TokenSequence, attention: AttentionMode, every_key: bool = False
+    ) -> Tensor:
+        """One run of ``layers`` over the whole of ``seq`` (padding rows included, masked as keys)."""
         cfg = getattr(layers[0].self_attn, "config", None) if len(layers) else None
         impl = getattr(cfg, "_attn_implementation", None) or self.attn_implementation
         cos_sin = self.rope_embeddings(seq)
-        kwargs = attention.layer_kwargs(seq, impl, seq.hidden.dtype, exclude_answer_keys=True)
+        kwargs = attention.layer_kwargs(seq, impl, seq.hidden.dtype, exclude_answer_keys=True, every_key=every_key)
         hidden = seq.hidden
         for layer in layers:
             hidden = layer(hidden, position_embeddings=cos_sin, position_ids=None, **kwargs)
         return hidden
+
+    @staticmethod
+    def _equal_length_groups(
+        attention_mask: Tensor, lengths: Sequence[int] | None = None
+    ) -> list[tuple[int, list[int]]] | None:
+        """``[(length, sample indices), ...]`` of a right-padded batch, or None when it is not right padded
+        (the one masked run is then exact as it is).
+
+        One host read of the per-sample lengths, none when the caller gives them (``lengths``).
+        """
+        if lengths is None:
+            B, L = attention_mask.shape
+            counts = attention_mask.sum(-1)
+            right = torch.arange(L, device=attention_mask.device)[None, :] < counts[:, None]
+            *lengths, misplaced = torch.cat([counts, (right != attention_mask).any()[None].long()]).tolist()
+            if misplaced:
+                return None
+        groups: dict[int, list[int]] = {}
+        for b, n in enumerate(lengths):
+            groups.setdefault(int(n), []).append(b)
+        return sorted(groups.items(), key=lambda g: g[1][0])
+
+    @staticmethod
+    def _batch_index(rows: list[int], device: torch.device) -> slice | Tensor:
+        """Batch index of ``rows``: a slice when they are contiguous (views), else an index tensor."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)
+        return torch.tensor(rows, device=device)
+
+    @staticmethod
+    def _sample_rows(seq: TokenSequence, pick: slice | Tensor, n: int) -> TokenSequence:
+        """Samples ``pick`` (see :meth:`_batch_index`) of ``seq``, first ``n`` tokens."""
+
+        def take(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[pick, :n]
+
+        return TokenSequence(
+            hidden=seq.hidden[pick, :n],
+            modality=take(seq.modality),
+            positions=seq.positions[:, pick, :n],
+            attention_mask=take(seq.attention_mask),
+            answer_mask=take(seq.answer_mask),
+            input_ids=take(seq.input_ids),
+            labels=take(seq.labels),
+            source_index=take(seq.source_index),
+        )
 
     def attention_row(self, layer_idx: int, seq: TokenSequence, query: Tensor) -> Tensor:
         """``(B, L)`` head-averaged attention ``query`` pays every key in decoder layer ``layer_idx``.
@@ -549,7 +650,7 @@ class OmniThinker(nn.Module):
             feature_mask = batch.get("feature_attention_mask")
             if feature_mask is None:
                 raise ValueError("batch has input_features but no feature_attention_mask")
-            audio = model.get_audio_features(features, feature_mask, return_dict=True).last_hidden_state
+            audio = self._audio_features(features, feature_mask)
             _, _, audio_mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds)
             n_slots = int(audio_mask[..., 0].sum())
             if n_slots != audio.shape[0]:
@@ -568,7 +669,7 @@ class OmniThinker(nn.Module):
             grid = batch.get(grid_key)
             if grid is None:
                 raise ValueError(f"batch has {pix_key} but no {grid_key}")
-            feats = torch.cat(getter(pixels, grid, return_dict=True).pooler_output, dim=0)
+            feats = self._vision_features(kind, pixels, grid, getter)
             feats = feats.to(embeds.device, embeds.dtype)
             kwargs = {f"{kind}_features": feats}
             masks = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, **kwargs)
@@ -576,14 +677,34 @@ class OmniThinker(nn.Module):
             embeds = embeds.masked_scatter(mask, feats)
         return embeds
 
+    def _audio_features(self, features: Tensor, feature_mask: Tensor) -> Tensor:
+        """Audio tower output of the batch, through :attr:`feature_cache` when it can stand in.
+
+        Not while OmniZip's salience probe is on: it reads the tower's last layer as it runs.
+        """
+        model = self.thinker.model
+        if self.feature_cache is not None and self._audio_probe is None:
+            cached = self.feature_cache.audio_features(model, features, feature_mask)
+            if cached is not None:
+                return cached
+        return model.get_audio_features(features, feature_mask, return_dict=True).last_hidden_state
+
+    def _vision_features(self, kind: str, pixels: Tensor, grid: Tensor, getter: Callable[..., Any]) -> Tensor:
+        """Vision tower output (all items concatenated), through :attr:`feature_cache` when it can stand in."""
+        if self.feature_cache is not None:
+            cached = self.feature_cache.vision_features(self.thinker.model, kind, pixels, grid, getter)
+            if cached is not None:
+                return cached
+        return torch.cat(getter(pixels, grid, return_dict=True).pooler_output, dim=0)
+
     def modality_of(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``(B, L)`` modality ids: image/video placeholders -> VIDEO, audio -> AUDIO, padding -> PAD."""
         cfg = self.config
-        modality = torch.full_like(input_ids, int(Modality.TEXT))
-        modality[(input_ids == cfg.video_token_id) | (input_ids == cfg.image_token_id)] = int(Modality.VIDEO)
-        modality[input_ids == cfg.audio_token_id] = int(Modality.AUDIO)
-        modality[~attention_mask.bool()] = int(Modality.PAD)
-        return modality
+        # torch.where, not boolean-mask assignment: that runs nonzero, a host sync on a GPU.
+        visual = (input_ids == cfg.video_token_id) | (input_ids == cfg.image_token_id)
+        modality = torch.where(visual, int(Modality.VIDEO), int(Modality.TEXT))
+        modality = torch.where(input_ids == cfg.audio_token_id, int(Modality.AUDIO), modality)
+        return torch.where(attention_mask.bool(), modality, int(Modality.PAD)).to(input_ids.dtype)
 
     def candidate_mask(self, seq: TokenSequence) -> Tensor:
         """``(B, L)`` bool: real tokens of the configured candidate modalities."""
@@ -694,18 +815,44 @@ class OmniThinker(nn.Module):
         return self.lm_head(self.final_norm(hidden))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: Mapping[str, Any]) -> OmniOutput:
-        """Reduced prefill, lm_head on the kept tokens, loss on the gathered labels."""
+    def forward(self, batch: Mapping[str, Any], logits: str = "all") -> OmniOutput:
+        """Reduced prefill, lm_head on the kept tokens, loss on the gathered labels.
+
+        ``logits="all"``: the lm_head runs on every kept token (``OmniOutput.logits`` is
+        ``(B, L_kept, V)``), the stock model's output. ``logits="labels"``: it runs only on the rows
+        whose next token carries a label (training: the answer tokens), ``OmniOutput.logits`` is
+        None and the loss is the same mean cross-entropy. On a 30 s clip of the 3B model that is a
+        few rows instead of ~10k: the lm_head is 151,936 wide, so the full logits cost ~2.8 TFLOP and
+        ~2.5 GiB of float32 per step that no label reads.
+        """
+        if logits not in ("all", "labels"):
+            raise ValueError(f"logits must be 'all' or 'labels', got {logits!r}")
         p = self.prefill(batch)
         seq = p.kept
+        if logits == "labels":
+            if seq.labels is None:
+                raise ValueError("forward(logits='labels') needs batch['labels']")
+            return OmniOutput(loss=self.label_loss(seq), logits=None, kept=seq, stats=p.stats)
         hidden = self.final_norm(seq.hidden)
-        logits = self.lm_head(hidden)
+        out = self.lm_head(hidden)
         loss = None
         if seq.labels is not None:
-            loss = self.thinker.loss_function(
-                logits=logits, labels=seq.labels, vocab_size=self.text_config.vocab_size
-            )
-        return OmniOutput(loss=loss, logits=logits, kept=seq.replace(hidden=hidden), stats=p.stats)
+            loss = self.thinker.loss_function(logits=out, labels=seq.labels, vocab_size=self.text_config.vocab_size)
+        return OmniOutput(loss=loss, logits=out, kept=seq.replace(hidden=hidden), stats=p.stats)
+
+    def label_loss(self, seq: TokenSequence) -> Tensor:
+        """Mean next-token cross-entropy over ``seq.labels`` with the lm_head run on the labelled rows only.
+
+        Row ``t`` predicts label ``t + 1`` (the HF shift), so the rows are those whose successor has a
+        label; transformers' own causal-LM loss is applied to them (equal to the loss over all logits).
+        """
+        labels = seq.labels
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        rows = shifted != -100
+        picked = self.head(seq.hidden[rows])
+        return self.thinker.loss_function(
+            logits=picked[None], labels=None, shift_labels=shifted[rows][None], vocab_size=self.text_config.vocab_size
+        )
 
     def budget_stats(self, full: TokenSequence, kept: TokenSequence, ctx: ReductionContext) -> dict[str, Any]:
         """Per-sample kept counts per modality, realised keep ratio and audio share of the kept A/V tokens."""

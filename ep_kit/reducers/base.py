@@ -17,7 +17,7 @@ the FLOP model and the efficiency benchmark count exactly the method a recipe bu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,8 +61,19 @@ class ReducerHost(Protocol):
         """Trainable copies of decoder layers ``0..count-1``."""
         ...
 
-    def run_layer_copies(self, layers: nn.ModuleList, seq: TokenSequence, attention: AttentionMode) -> Tensor:
-        """Hidden states after running ``layers`` on ``seq`` under ``attention`` (answers are never keys)."""
+    def run_layer_copies(
+        self,
+        layers: nn.ModuleList,
+        seq: TokenSequence,
+        attention: AttentionMode,
+        *,
+        lengths: Sequence[int] | None = None,
+        answer_free: bool = False,
+    ) -> Tensor:
+        """Hidden states after running ``layers`` on ``seq`` under ``attention`` (answers are never keys).
+
+        ``lengths`` / ``answer_free``: what the caller already knows of a right-padded ``seq`` (its real
+        lengths on the host; no real answer token), sparing the host reads that would find it out."""
         ...
 
     def attention_row(self, layer_idx: int, seq: TokenSequence, query: Tensor) -> Tensor:

@@ -5,6 +5,7 @@
    answer tokens are never keys, so nothing leaks from the answer. Positions are the original
    positions of the FULL sequence through the model's rotary module (TMRoPE or Sync-RoPE).
    Without pre-fusion the encoder runs on the A/V tokens only and the text stays unrefined.
+   Only the tokens it refines go through it (no answer, padding or media-free sample rows).
 2. The scorer gives one score per token; the selector keeps ``k = keep_count(n_candidates, r)``
    candidates per sample (candidates = the model's candidate modalities).
 3. The refined states of prompt and A/V tokens replace their embeddings; answer tokens enter
@@ -21,7 +22,7 @@ At ``keep_ratio=1.0`` the sieve still refines the prompt and A/V states (the met
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -99,25 +100,50 @@ class CS2(ScoreSelect):
         super().attach(model)
 
     # ------------------------------------------------------------------ sieve
-    def encode(self, seq: TokenSequence, model: ReducerHost) -> Tensor:
-        """Run the sieve layers on ``seq`` (answer tokens excluded as keys); returns refined hidden."""
-        return model.run_layer_copies(self.layers, seq, self.attention)
+    def encode(
+        self, seq: TokenSequence, model: ReducerHost, lengths: Sequence[int] | None = None, answer_free: bool = False
+    ) -> Tensor:
+        """Run the sieve layers on ``seq`` (answer tokens excluded as keys); returns refined hidden.
+
+        ``lengths`` / ``answer_free``: see :meth:`ReducerHost.run_layer_copies`."""
+        return model.run_layer_copies(self.layers, seq, self.attention, lengths=lengths, answer_free=answer_free)
 
     def refine(self, seq: TokenSequence, model: ReducerHost) -> tuple[Tensor, Tensor]:
-        """Refined hidden states (answers and media-free samples unrefined) and the mask of refined tokens."""
-        has_media = seq.av_mask.any(-1, keepdim=True)
+        """Refined hidden states (answers and media-free samples unrefined) and the mask of refined tokens.
+
+        The sieve runs on the refined tokens alone (with pre-fusion the prompt and A/V tokens of the
+        samples with media; without it the A/V tokens), in order with their positions and modality:
+        marked as the only real tokens when they come first in every sample (answers last), else
+        gathered into a new right-padded batch. That is exact: the tokens left out are never keys (answers, padding) or belong to
+        samples the sieve does not touch, and their sieve outputs would be discarded, so every
+        attention mode sees the same keys for the same queries. It saves their rows in every sieve
+        layer, and with no answer key left to exclude the attention needs no mask (bidirectional) or
+        only the causal flag (causal).
+        """
         if self.prefusion:
-            refined = self.encode(seq, model)
-            mask = seq.attention_mask & ~seq.answer_mask & has_media
+            mask = seq.attention_mask & ~seq.answer_mask & seq.av_mask.any(-1, keepdim=True)
         else:
             mask = seq.av_mask
-            B, L = mask.shape
-            n = int(mask.sum(-1).max())
+        counts = mask.sum(-1)
+        prefix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < counts[:, None]
+        # The one host read of the sieve: per-sample counts (the sieve's groups) and the layout flags.
+        *lengths, partial, scattered = torch.cat(
+            [counts, (mask != seq.attention_mask).any()[None].long(), (mask != prefix).any()[None].long()]
+        ).tolist()
+        n = max(lengths)
+        if n == 0:  # no sample has media: nothing is refined
+            return seq.hidden, mask
+        # The refined tokens are never answers (answers are outside ``mask``), so every real token is a key.
+        if not partial:  # every real token is refined: run the sieve on the sequence as it is
+            refined = self.encode(seq, model, lengths=None if scattered else lengths, answer_free=True)
+        elif not scattered:  # each sample's refined tokens come first (answers last): the rest is padding
+            refined = self.encode(seq.replace(attention_mask=mask, answer_mask=torch.zeros_like(mask)), model,
+                                  lengths=lengths, answer_free=True)
+        else:
+            B, _, D = seq.hidden.shape
             order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :n]
-            valid = torch.arange(n, device=mask.device)[None, :] < mask.sum(-1, keepdim=True)
-            sub = seq.gather(order, valid)
-            sub_hidden = self.encode(sub, model) * valid[..., None].to(seq.hidden.dtype)
-            D = seq.hidden.shape[-1]
+            valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+            sub_hidden = self.encode(seq.gather(order, valid), model, lengths=lengths, answer_free=True)
             refined = torch.zeros_like(seq.hidden).scatter(1, order[..., None].expand(B, n, D), sub_hidden)
         hidden = torch.where(mask[..., None], refined, seq.hidden)
         return hidden, mask

@@ -14,7 +14,7 @@ import torch
 
 from ep_kit.reducers.base import ReducerHost, ReductionContext, TokenReducer
 from ep_kit.scorers import Scorer
-from ep_kit.selectors import HardTopK, Selector
+from ep_kit.selectors import HardTopK, Selector, nan_at_candidates
 from ep_kit.sequence import TokenSequence
 
 
@@ -50,17 +50,23 @@ class ScoreSelect(TokenReducer):
         if self.scorer is None:
             raise RuntimeError(f"{type(self).__name__}.before_llm called before attach(model): build it through the model")
         candidates = ctx.candidates & seq.attention_mask
-        if not bool(seq.av_mask.any()):  # a text-only batch passes through untouched
-            ctx.stats[self.stat_key] = torch.zeros(seq.batch_size, dtype=torch.long, device=seq.hidden.device)
-            return seq
+        # No host-side shortcut for text-only batches: with no candidates every token is kept and a
+        # media-free sample's states are left as they are, so the result is the same, and asking
+        # the host first would cost a sync on every batch.
         scored = self.states(seq, ctx)
-        selection = self.selector(self.scorer(scored), candidates, ctx.keep_ratio, seq.modality)
+        scores = self.scorer(scored)
+        selection = self.selector(scores, candidates, ctx.keep_ratio, seq.modality, check_nan=False)
         hidden = scored.hidden
-        if selection.weight is not None:
+        if selection.weight is not None:  # straight-through weights: only when a gradient can flow
             weight = torch.where(candidates, selection.weight, torch.ones_like(selection.weight))
             hidden = hidden * weight[..., None].to(hidden.dtype)
         ctx.stats[self.stat_key] = selection.k
-        return seq.replace(hidden=hidden).keep((selection.keep & candidates) | ~candidates)
+        keep = (selection.keep & candidates) | ~candidates
+        # The one host sync of the reduction: the kept length (for the gather) and the NaN check, read together.
+        length, nan = torch.stack([seq.kept_length(keep), nan_at_candidates(scores, candidates).long()]).tolist()
+        if nan:
+            raise ValueError(f"{type(self).__name__}: the scorer returned NaN at candidate tokens")
+        return seq.replace(hidden=hidden).keep(keep, length=length)
 
     def kept_candidates(self, n_video: int, n_audio: int, keep_ratio: float) -> int:
         return self.selector.kept_count(n_video, n_audio, keep_ratio)

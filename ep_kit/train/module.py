@@ -35,6 +35,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from ep_kit.budget import check_ratio
+from ep_kit.models.feature_cache import EncoderFeatureCache
 from ep_kit.models.omni import OmniThinker
 from ep_kit.reducers.base import TokenReducer
 from ep_kit.rope import MultiAxisRoPE
@@ -48,6 +49,10 @@ STAGES = ("val", "test")
 #: ``__init__`` arguments that are components (objects): saved as hyper-parameters only in their
 #: ``class_path`` form, i.e. when the module is built by the CLI.
 COMPONENTS = ("thinker", "rope", "reducer", "optimizer", "lr_scheduler")
+#: ``__init__`` arguments never saved as hyper-parameters: ``init_from`` (a checkpoint carries its own
+#: weights) and ``feature_cache`` (a machine-local directory that never changes results; a module
+#: rebuilt from a checkpoint runs its encoders unless given one again).
+NOT_SAVED = ("init_from", "feature_cache")
 
 
 def prompt_end_index(seq: TokenSequence) -> Tensor:
@@ -149,6 +154,10 @@ class EPKitModule(LightningModule):
         export_thinker: after ``fit``, save the thinker (``save_pretrained``) to this directory as a
             base other recipes initialise from (``TinyThinker.init_from``).
         print_metrics: print a one-line accuracy summary after every validation/test epoch.
+        feature_cache: on-disk cache of the frozen encoders' outputs
+            (:class:`~ep_kit.models.feature_cache.EncoderFeatureCache`), shared by every run that
+            points at the same directory; None = encoders run on every batch. Needs
+            ``freeze_encoders``. Results equal the uncached run (float rounding aside; see its module).
     """
 
     def __init__(
@@ -166,16 +175,17 @@ class EPKitModule(LightningModule):
         init_from: str | None = None,
         export_thinker: str | None = None,
         print_metrics: bool = True,
+        feature_cache: EncoderFeatureCache | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyper-parameters Lightning saves are the parsed configuration (components
         # as class_path / init_args, with the CLI's instantiator): load_from_checkpoint rebuilds the module
         # from them. Built in Python, the components are objects a checkpoint can neither hold as
-        # hyper-parameters nor rebuild from: only the plain arguments are saved. init_from never is (a
-        # checkpoint carries its own weights). The first call only reads what Lightning saves for thinker.
+        # hyper-parameters nor rebuild from: only the plain arguments are saved. NOT_SAVED never are.
+        # The first call only reads what Lightning saves for thinker.
         self.save_hyperparameters("thinker", logger=False)
         from_config = isinstance(self.hparams["thinker"], Mapping)
-        self.save_hyperparameters(ignore=["init_from"] if from_config else ["init_from", *COMPONENTS])
+        self.save_hyperparameters(ignore=[*NOT_SAVED] if from_config else [*NOT_SAVED, *COMPONENTS])
         if not isinstance(thinker, ThinkerSource):
             raise TypeError(f"model.thinker must be a ThinkerSource (class_path), got {type(thinker).__name__}")
         check_ratio(keep_ratio, "model.keep_ratio")
@@ -187,6 +197,7 @@ class EPKitModule(LightningModule):
             candidate_modalities=tuple(candidate_modalities or ("video", "audio")),
             freeze_encoders=freeze_encoders,
             train_llm=train_llm,
+            feature_cache=feature_cache,
         )
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -253,9 +264,9 @@ class EPKitModule(LightningModule):
         return self.model(batch)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        out = self.model(batch)
-        if out.loss is None:
+        if batch.get("labels") is None:
             raise ValueError("training batch has no 'labels': the LM loss needs them")
+        out = self.model(batch, logits="labels")
         B = int(batch["input_ids"].shape[0])
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
         stats = out.stats
@@ -403,9 +414,9 @@ class EPKitModule(LightningModule):
     def _evaluate(self, stage: str, batch: Mapping[str, Any]) -> None:
         if "choice_token_ids" not in batch:
             # Instruction data (no options): score the LM loss on the answer tokens instead.
-            out = self.model(batch)
-            if out.loss is None:
+            if batch.get("labels") is None:
                 raise ValueError(f"{stage} batch has neither 'choice_token_ids' nor 'labels': nothing to evaluate")
+            out = self.model(batch, logits="labels")
             B = int(batch["input_ids"].shape[0])
             self.log(f"{stage}/loss", out.loss, batch_size=B, sync_dist=True, prog_bar=True)
             self.budget[stage].update(out.stats)

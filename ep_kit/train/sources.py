@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from ep_kit.models.feature_cache import EncoderFeatureCache
 from ep_kit.models.omni import OmniThinker, read_thinker_config
 from ep_kit.models.tiny import tiny_thinker_config
 
@@ -43,9 +44,14 @@ def _dtype(name: str) -> torch.dtype | str:
 
 
 class ThinkerSource:
-    """Base: ``build(**components) -> OmniThinker``; ``components`` are OmniThinker's keyword arguments."""
+    """Base: ``build(feature_cache=None, **components) -> OmniThinker``; ``components`` are OmniThinker's
+    keyword arguments, ``feature_cache`` its on-disk cache of frozen encoder outputs
+    (:class:`~ep_kit.models.feature_cache.EncoderFeatureCache`; where the thinker comes from does not
+    matter to it: its keys hold a digest of the encoders' weights)."""
 
-    def build(self, **components: Any) -> OmniThinker:  # pragma: no cover - abstract
+    def build(
+        self, feature_cache: EncoderFeatureCache | None = None, **components: Any
+    ) -> OmniThinker:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -68,7 +74,7 @@ class PretrainedThinker(ThinkerSource):
         self.dtype = _dtype(dtype)
         self.attn_implementation = attn_implementation
 
-    def build(self, **components: Any) -> OmniThinker:
+    def build(self, feature_cache: EncoderFeatureCache | None = None, **components: Any) -> OmniThinker:
         root = Path(self.path)
         if not root.exists():
             raise FileNotFoundError(
@@ -76,7 +82,11 @@ class PretrainedThinker(ThinkerSource):
                 "e.g. --model.thinker.init_args.path /data/Qwen2.5-Omni-3B)"
             )
         return OmniThinker.from_pretrained(
-            root, dtype=self.dtype, attn_implementation=self.attn_implementation, **components
+            root,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            feature_cache=feature_cache,
+            **components,
         )
 
 
@@ -135,10 +145,10 @@ class TinyThinker(ThinkerSource):
         """The transformers thinker config these sizes describe."""
         return tiny_thinker_config(vocab="tiny", attn_implementation=self.attn_implementation, **self.sizes)
 
-    def build(self, **components: Any) -> OmniThinker:
+    def build(self, feature_cache: EncoderFeatureCache | None = None, **components: Any) -> OmniThinker:
         config = self.config()
         if self.init_from is None:
-            return OmniThinker.from_config(config, **components)
+            return OmniThinker.from_config(config, feature_cache=feature_cache, **components)
         root = base_dir(self.init_from)
         if not is_base_dir(root):
             raise FileNotFoundError(
@@ -148,7 +158,11 @@ class TinyThinker(ThinkerSource):
             )
         _check_same_architecture(config, read_thinker_config(root), root)
         return OmniThinker.from_pretrained(
-            root, dtype=torch.float32, attn_implementation=self.attn_implementation, **components
+            root,
+            dtype=torch.float32,
+            attn_implementation=self.attn_implementation,
+            feature_cache=feature_cache,
+            **components,
         )
 
 
