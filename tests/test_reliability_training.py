@@ -129,7 +129,8 @@ def _cs2_module(freeze_encoders: bool = True) -> EPKitModule:
 
 def _check_zero_gradients_for_unused(module: EPKitModule, batch: dict[str, Any], unused_prefix: str) -> None:
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    reference = module.model(batch).loss  # the loss training_step returned before the fix
+    # The loss training_step returned before the fix (it computes logits on the labelled rows only).
+    reference = module.model(batch, logits="labels").loss
     reference.backward()
     expected = {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
     module.zero_grad(set_to_none=True)
