@@ -267,6 +267,11 @@ def _build(
 
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point ``ep-kit``."""
+    argv = list(args) if args is not None else sys.argv[1:]
+    if argv[:1] == ["export"]:  # not a Lightning subcommand: ep_kit.export
+        from ep_kit.export import main as export_main
+
+        return export_main(argv[1:])
     run(list(args) if args is not None else None)
 
 

@@ -102,13 +102,7 @@ class MultiAxisRoPE(nn.Module):
             raise ValueError(f"section_axes must lie in [0, {num_axes}), got {list(section_axes)!r}")
         self.section_axes = [int(a) for a in section_axes]
         self.num_axes = int(num_axes)
-        axis_of_pair = torch.cat(
-            [
-                torch.full((n,), a, dtype=torch.long)
-                for n, a in zip(self.sections, self.section_axes, strict=True)
-            ]
-        )
-        self.register_buffer("axis_of_pair", axis_of_pair, persistent=False)
+        self.register_buffer("axis_of_pair", self._axis_of_pair(), persistent=False)
         self.head_dim: int | None = None
         self.base: float | None = None
         self.register_buffer("inv_freq", None, persistent=False)
@@ -121,6 +115,11 @@ class MultiAxisRoPE(nn.Module):
             self._build()
 
     # ------------------------------------------------------------------ setup
+    def _axis_of_pair(self) -> Tensor:
+        return torch.cat(
+            [torch.full((n,), a, dtype=torch.long) for n, a in zip(self.sections, self.section_axes, strict=True)]
+        )
+
     @property
     def num_pairs(self) -> int:
         return int(sum(self.sections))
@@ -243,13 +242,38 @@ class SyncRoPE(MultiAxisRoPE):
 
     def __init__(
         self,
-        sections: Sequence[int] = (18, 18, 18, 10),
+        sections: Sequence[int] | None = (18, 18, 18, 10),
         head_dim: int | None = None,
         base: float | None = None,
     ) -> None:
+        # None: the paper's split of whatever head_dim the model has, chosen when bound (or now, given head_dim).
+        self.derive_sections = sections is None
+        if sections is None:
+            sections = sync_sections(head_dim) if head_dim is not None else (18, 18, 18, 10)
         sections = list(sections)
         if len(sections) != 4:
             raise ValueError(f"SyncRoPE sections needs 4 entries (t_high, h, w, t_low), got {sections!r}")
         super().__init__(
             _check_sections(sections, "sections"), [0, 1, 2, 3], num_axes=4, head_dim=head_dim, base=base
         )
+
+    def bind(self, head_dim: int, base: float) -> MultiAxisRoPE:
+        """As :meth:`MultiAxisRoPE.bind`; with ``sections=None`` the sections are :func:`sync_sections` of ``head_dim``."""
+        if self.derive_sections:
+            self.sections = sync_sections(_check_head_dim(head_dim, "model head_dim"))
+            self.axis_of_pair = self._axis_of_pair().to(self.axis_of_pair.device)
+        return super().bind(head_dim, base)
+
+
+def sync_sections(head_dim: int) -> list[int]:
+    """The paper's Sync-RoPE split ``[18, 18, 18, 10]`` of 64 pairs, scaled to ``head_dim / 2`` pairs.
+
+    ``t_high = h = w = round(18 / 64 * pairs)`` and ``t_low`` takes the rest: ``[18, 18, 18, 10]``
+    for head_dim 128 (Qwen2.5-Omni 3B/7B), ``[2, 2, 2, 2]`` for the toy thinker's head_dim 16.
+    ``ValueError`` when the head is too small to give every section a pair.
+    """
+    pairs = _check_head_dim(head_dim) // 2
+    each = round(18 * pairs / 64)
+    if each < 1 or pairs - 3 * each < 1:
+        raise ValueError(f"head_dim {head_dim} is too small for Sync-RoPE's four sections (needs >= 8)")
+    return [each, each, each, pairs - 3 * each]

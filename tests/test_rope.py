@@ -175,3 +175,18 @@ def test_rope_works_as_decoder_layer_position_embeddings():
     ref = layer(x, position_embeddings=Qwen2_5OmniRotaryEmbedding(config)(x, pos))
     out = layer(x, position_embeddings=TMRoPE([1, 2, 1]).bind(8, 1e6)(pos, x.dtype))
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_sync_rope_without_sections_takes_the_papers_split_of_the_model_head_dim():
+    """``SyncRoPE(sections=None)``: [18, 18, 18, 10] at head_dim 128, the toy recipes' [2, 2, 2, 2] at 16."""
+    from ep_kit.rope import sync_sections
+
+    assert SyncRoPE(sections=None).bind(128, 1e6).sections == [18, 18, 18, 10]
+    bound = SyncRoPE(sections=None).bind(16, 1e6)
+    assert bound.sections == [2, 2, 2, 2] and bound.axis_of_pair.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    pos = torch.arange(5)[None, None].expand(3, 1, 5)
+    for a, b in zip(bound(pos), SyncRoPE([2, 2, 2, 2]).bind(16, 1e6)(pos), strict=True):
+        assert torch.equal(a, b)
+    assert sync_sections(64) == [9, 9, 9, 5]
+    with pytest.raises(ValueError, match="too small"):
+        sync_sections(4)

@@ -7,6 +7,7 @@
 * :mod:`~ep_kit.data.benchmarks` -- WorldSense, Daily-Omni, Video-MME, MLVU readers.
 * :mod:`~ep_kit.data.synthetic` -- the seeded synthetic audio-visual benchmark.
 * :mod:`~ep_kit.data.collate` / :mod:`~ep_kit.data.datamodule` -- batches and the LightningDataModule.
+* :mod:`~ep_kit.data.one_clip` -- ``build_batch``: one clip and a question -> a model batch.
 """
 
 from ep_kit.data.benchmarks import MCSample, SkipReport, format_mc_prompt, read_benchmark
@@ -22,6 +23,7 @@ from ep_kit.data.datamodule import (
 )
 from ep_kit.data.instruct import InstructDataset, read_instruct_jsonl
 from ep_kit.data.media import VideoClip, load_audio, load_video
+from ep_kit.data.one_clip import build_batch
 from ep_kit.data.processor import AVInputBuilder, SampleEncoder, build_processor
 from ep_kit.data.synthetic import SyntheticAVBenchmark
 from ep_kit.data.tokenizer import build_tiny_tokenizer
@@ -41,6 +43,7 @@ __all__ = [
     "SyntheticAVBenchmark",
     "SyntheticSource",
     "VideoClip",
+    "build_batch",
     "build_processor",
     "build_tiny_tokenizer",
     "collate_av",

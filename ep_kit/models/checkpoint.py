@@ -4,9 +4,11 @@
   scorer; optionally the LLM) as ``ep_kit_weights.safetensors`` plus ``ep_kit_config.json``
   describing the components they belong to (checked on load, so sieve weights never land in a
   differently-shaped reducer silently).
-* :func:`export_hf` -- a directory ``from_pretrained`` can read: the thinker via transformers'
-  ``save_pretrained`` (config + weights) plus the kit's extras. The thinker text config also gets
-  the official fields ``av_refiner_layers`` / ``compression_ratio``.
+* :func:`export_hf` (``OmniThinker.save_pretrained``) -- a directory ``from_pretrained`` can read:
+  the thinker via transformers' ``save_pretrained`` (config + weights) plus the kit's extras. The
+  thinker text config also gets the official fields ``av_refiner_layers`` / ``compression_ratio``.
+  ``ep_kit_config.json`` (version 2) records the components as ``class_path`` / ``init_args``
+  (:mod:`ep_kit.models.components`); :func:`saved_components` rebuilds them on load.
 * :func:`load_official_checkpoint` -- the official EchoingPixels layout: sieve under
   ``thinker.model.bidir_encoder.layers.{i}.*``, scorer under ``thinker.model.compressor.*``, the
   rest in the released (pre-5.21) thinker naming (``thinker.model.layers.*``,
@@ -32,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ep_kit.budget import check_ratio
+from ep_kit.models.components import build_components, record
 
 if TYPE_CHECKING:  # pragma: no cover - the wrapper imports this module, never the other way round
     from ep_kit.models.omni import OmniThinker
@@ -98,7 +101,9 @@ def component_config(model: OmniThinker, include_llm: bool = False) -> dict[str,
         reducer_cfg = {"class": f"{type(red).__module__}.{type(red).__qualname__}", **red.component_fields()}
     return {
         "format": FORMAT,
-        "version": 1,
+        "version": 2,
+        # Version 2: the components as class_path/init_args, rebuilt by OmniThinker.from_pretrained.
+        "components": record(model),
         "keep_ratio": model.keep_ratio,
         "candidate_modalities": list(model.candidate_modalities),
         "rope": {"class": type(model.rope).__name__, "sections": list(model.rope.sections)},
@@ -288,11 +293,52 @@ def load_official_checkpoint(
     return report
 
 
+def read_kit_config(root: Path) -> dict[str, Any] | None:
+    """``ep_kit_config.json`` of a directory (None when it has none); ``ValueError`` naming a broken one."""
+    cfg_file = root / KIT_CONFIG
+    if not cfg_file.is_file():
+        return None
+    try:
+        saved = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_file} is not valid JSON: {err}") from err
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file}: format {getattr(saved, 'get', lambda _: None)('format')!r} is not {FORMAT!r}")
+    return saved
+
+
+def saved_components(root: Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The components a directory's record rebuilds, for the ``OmniThinker`` arguments not in ``given``.
+
+    * no ``ep_kit_config.json``: a plain transformers directory (or the official layout) -> ``{}``;
+    * a record (written by ``save_pretrained`` / ``ep-kit export``) -> its rope, reducer, keep ratio
+      and candidate modalities, rebuilt; one that cannot be rebuilt is a ``ValueError`` naming the
+      file and the component;
+    * kit weights saved before records existed (version 1) -> ``{}`` when the caller gives the
+      ``reducer``, else a ``ValueError`` saying what to pass (the weights need their reducer).
+    """
+    saved = read_kit_config(root)
+    if saved is None:
+        return {}
+    if "components" in saved:
+        if not isinstance(saved["components"], Mapping):
+            raise ValueError(f"{root / KIT_CONFIG}: 'components' must be a mapping, got {saved['components']!r}")
+        return build_components(saved["components"], str(root / KIT_CONFIG), skip=tuple(given))
+    if "reducer" not in given:
+        raise ValueError(
+            f"{root}: holds ep-kit weights ({KIT_WEIGHTS}) but {KIT_CONFIG} records no components "
+            "(written before component records): give the components they were saved with, e.g. "
+            "OmniThinker.from_pretrained(dir, rope=..., reducer=..., keep_ratio=...), then save_pretrained "
+            "again to record them"
+        )
+    return {}
+
+
 def load_extras_from_dir(model: OmniThinker, root: Path) -> LoadReport | None:
     """Called by ``OmniThinker.from_pretrained``: load the kit's or the official sieve/scorer if present."""
     if (root / KIT_WEIGHTS).is_file():
-        if model.reducer is None:
-            warnings.warn(f"{root / KIT_WEIGHTS} holds reducer weights but no reducer was given: not loaded", stacklevel=3)
+        if model.reducer is None:  # the record has none, or the caller chose reducer=None
+            log.info("%s: no reducer, so no reducer weights loaded", root)
             return None
         return load_kit_weights(model, root, strict=True)
     keys = _dir_keys(root)

@@ -55,7 +55,7 @@ from transformers import (
 from ep_kit.budget import check_ratio
 from ep_kit.masks import AttentionMode, Causal
 from ep_kit.models.attention import AudioSalienceProbe, decoder_attention_row
-from ep_kit.models.checkpoint import load_extras_from_dir
+from ep_kit.models.checkpoint import load_extras_from_dir, saved_components
 from ep_kit.models.feature_cache import EncoderFeatureCache
 from ep_kit.models.vision_attention import set_grouped_vision_attention
 from ep_kit.reducers.base import ReductionContext, TokenReducer
@@ -305,16 +305,24 @@ class OmniThinker(nn.Module):
         """Load the thinker from a local Qwen2.5-Omni directory (full model or thinker-only).
 
         ``attn_implementation="flash_attention_2"`` needs the ``flash_attn`` package. Talker and
-        token2wav weights of a full checkpoint are ignored. The kit's own trained weights (written by
-        :func:`ep_kit.models.checkpoint.export_hf`) are loaded when the directory holds them, and
-        official EchoingPixels sieve/scorer weights when a CS2 reducer is given. A directory without
-        ``*.safetensors`` weights (e.g. only ``pytorch_model.bin``) raises ``FileNotFoundError`` naming it.
+        token2wav weights of a full checkpoint are ignored. A directory written by
+        :meth:`save_pretrained` (or ``ep-kit export``) records its components: the rope, reducer,
+        keep ratio and candidate modalities are rebuilt from it and its reducer weights loaded;
+        ``components`` given here replace the recorded ones (e.g. ``keep_ratio=0.1`` for another
+        budget, ``reducer=None`` for the thinker alone). A record that cannot be rebuilt is a
+        ``ValueError`` naming the file and the component; kit weights without a record (saved
+        before records existed) need their ``reducer`` given. A plain transformers directory
+        loads as the stock model (TMRoPE, no reducer) unless ``components`` say otherwise, with
+        official EchoingPixels sieve/scorer weights loaded when a CS2 reducer is given. A directory
+        without ``*.safetensors`` weights (e.g. only ``pytorch_model.bin``) raises
+        ``FileNotFoundError`` naming it.
         """
         if attn_implementation not in SUPPORTED_ATTN:
             raise ValueError(f"attn_implementation must be one of {SUPPORTED_ATTN}, got {attn_implementation!r}")
         if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ImportError("attn_implementation='flash_attention_2' needs the flash_attn package (pip install ep-kit[flash])")
         config = read_thinker_config(path)
+        components = {**saved_components(Path(path), components), **components}
         # Checked before transformers runs: it would load a pickle-only directory in full and only then
         # fail in the kit's extras loader, which reads safetensors headers, with no word of the .bin.
         weights = [f for f in Path(path).glob("*.safetensors") if f.name != "ep_kit_weights.safetensors"]
@@ -334,6 +342,19 @@ class OmniThinker(nn.Module):
         model = cls(thinker, **components)
         load_extras_from_dir(model, Path(path))
         return model
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a directory :meth:`from_pretrained` rebuilds this model from, with no other argument.
+
+        The thinker through transformers' ``save_pretrained`` (``config.json`` + ``model.safetensors``,
+        so transformers itself loads it as a stock thinker), the reducer's weights in
+        ``ep_kit_weights.safetensors``, and ``ep_kit_config.json`` recording the rope, the reducer
+        (attention mode, scorer, selector...) as ``class_path`` / ``init_args``, the keep ratio and
+        the candidate modalities. Returns the directory.
+        """
+        from ep_kit.models.checkpoint import export_hf
+
+        return export_hf(self, directory)
 
     # --------------------------------------------------------------- trainables
     def set_encoders_trainable(self, trainable: bool) -> None:

@@ -41,3 +41,5 @@ class IntraModal(ScoreSelect):
         super().__init__(
             scorer=partial(PerModalityScorer, video=video, audio=audio), selector=PerModalityTopK(HardTopK())
         )
+        # The rules as given (a saved model records them: ep_kit.models.components.describe).
+        self.video_factory, self.audio_factory = video, audio
