@@ -238,14 +238,12 @@ def write_real_outputs(out_dir: Path, table: list[dict], command: str, elapsed: 
 
 
 def plot(path: Path, table: list[dict], title: str = "Toy (synthetic benchmark), mean +- std over seeds") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # drawn without pyplot: plotting never selects a backend
 
     names = [r["name"] for r in table]
     x = range(len(table))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    fig = Figure(figsize=(12, 4.5))
+    ax1, ax2 = fig.subplots(1, 2, sharey=False)
     ax1.bar(x, [100 * r["mean"] for r in table], yerr=[100 * r["std"] for r in table], capsize=4, color="tab:blue")
     ax1.axhline(25, color="grey", ls="--", lw=0.8, label="chance")
     ax1.set_title(title)
@@ -259,7 +257,6 @@ def plot(path: Path, table: list[dict], title: str = "Toy (synthetic benchmark),
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1107,17 +1107,21 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Latency per method, speed-ups (measured / FLOP-ideal / paper), measured memory (inference, training)."""
-    import matplotlib
+def figure(result: dict[str, Any]) -> Any:
+    """Latency per method, speed-ups (measured / FLOP-ideal / paper), measured memory (inference, training).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The memory panels draw what the run measured: on CUDA ``max_memory_allocated``, on CPU the peak RSS
+    of a fresh process per (row, clip) above what was resident. A :class:`matplotlib.figure.Figure`
+    built directly, so drawing never selects a backend.
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
-    cmap = plt.get_cmap("tab20")
+    fig = Figure(figsize=(15, 9))
+    axes = fig.subplots(2, 2)
+    cmap = colormaps["tab20"]
     color = {m: cmap(i % 20) for i, m in enumerate(methods)}
     ax = axes[0][0]
     for method in methods:
@@ -1161,8 +1165,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     m = result["meta"]
     fig.suptitle(f"Qwen2.5-Omni-{m['model']} prefill on {m['device']} (commit {m.get('commit', 'unknown')})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    figure(result).savefig(path, dpi=110)
 
 
 def write(result: dict[str, Any], out: Path, tag: str, with_plot: bool = True) -> dict[str, Path]:

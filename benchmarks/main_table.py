@@ -29,8 +29,12 @@ Usage (from the repository root)::
     python benchmarks/main_table.py --scale real --paths-train P.yaml --paths-eval E.yaml [--trainer T.yaml]
     python benchmarks/main_table.py --scale real --standin /tmp/standin --quick        # the same, on CPU
 
-Outputs ``main_table_<scale>[_quick].md`` and ``.csv`` (with the command line; real scale also a
-``.png``) into ``--out`` (default ``runs/tables``; ``benchmarks/results`` holds the recorded ones).
+Outputs ``main_table_<scale>[_quick].md``, ``.csv`` and ``.png`` (the md names the command line and
+the commit; the figure: toy scale accuracy against budget per method, real scale relative-to-full beside
+the paper's) into ``--out`` (default ``runs/tables``; ``benchmarks/results`` holds the recorded ones).
+``--plot-from TABLE.csv`` redraws the toy figure of a recorded table without evaluating anything::
+
+    python benchmarks/main_table.py --plot-from benchmarks/results/main_table_toy.csv --out benchmarks/results
 
 Toy scale: the training-free rows use ``recipes/toy/baselines/base.yaml`` (the toy base shipped with
 the kit, ``ep_kit/assets/toy_base``); without ``--echoingpixels-ckpt`` the script trains each
@@ -63,7 +67,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,6 +75,9 @@ sys.path.insert(0, str(ROOT))
 from ep_kit.data.benchmarks import BENCHMARK_GROUPS  # noqa: E402
 from ep_kit.recipes import baseline_keys, recipe_configs  # noqa: E402
 from ep_kit.runs import RowResult, RowSpec, add_real_scale_arguments, git_commit, real_scale_from_args  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SCALES = {
     "toy": {
@@ -224,11 +231,47 @@ def build_table(
     return rows
 
 
+def _num(x: str) -> float:
+    return float("nan") if x in ("n/a", "") else float(x)
+
+
+def table_figure(rows: Sequence[dict[str, str]], title: str) -> Figure:
+    """Accuracy against budget, one line per method, for the AV and the video-only groups (Full dashed).
+
+    Built on :class:`matplotlib.figure.Figure` directly, so drawing it never selects a backend.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    full = next((r for r in rows if r["budget"] == "100%"), None)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["budget"] != "100%"))
+    for ax, column in zip(axes, ("AV avg", "Video avg"), strict=True):
+        for method in methods:
+            pts = sorted((_num(r["budget"].rstrip("%")), _num(r[column])) for r in rows if r["method"] == method)
+            pts = [(x, y) for x, y in pts if not math.isnan(y)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        if full is not None and not math.isnan(_num(full[column])):
+            ax.axhline(_num(full[column]), color="k", ls="--", lw=1, label="Full (100%)")
+        ax.set_xscale("log")
+        budgets = sorted({_num(r["budget"].rstrip("%")) for r in rows if r["budget"] != "100%"})
+        ax.set_xticks(budgets, [f"{b:g}%" for b in budgets])
+        ax.minorticks_off()
+        ax.set(xlabel="budget: kept A/V tokens (log)", title=column, ylabel="accuracy (%)" if column == "AV avg" else None)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def write_outputs(
-    rows: list[dict[str, str]], out_dir: Path, scale: str, command: str, header: str
+    rows: list[dict[str, str]], out_dir: Path, scale: str, command: str, header: str, commit: str
 ) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"main_table_{scale}.csv", out_dir / f"main_table_{scale}.md"
+    png_path = out_dir / f"main_table_{scale}.png"
     cols = list(rows[0].keys())
     with csv_path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -238,8 +281,11 @@ def write_outputs(
         f"# Main table ({scale} scale)",
         "",
         f"Command: `{command}`  ",
+        f"Commit: `{commit}`  ",
         f"Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ",
         header,
+        "",
+        f"![accuracy against budget]({png_path.name})",
         "",
         "| " + " | ".join(c for c in cols if c != "note") + " |",
         "|" + "---|" * (len(cols) - 1),
@@ -252,7 +298,23 @@ def write_outputs(
     if notes:
         lines += ["", "Notes:", *notes]
     md_path.write_text("\n".join(lines) + "\n")
+    table_figure(rows, f"Main table ({scale} scale), commit {commit}").savefig(png_path, dpi=120)
     return md_path, csv_path
+
+
+def plot_from(csv_path: Path, out_dir: Path) -> Path:
+    """Redraw the figure of a recorded table (``<stem>.png`` in ``out_dir``) from its csv; evaluates nothing."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"--plot-from: {csv_path} does not exist")
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    missing = {"method", "budget", "AV avg", "Video avg"} - set(rows[0] if rows else {})
+    if missing:
+        raise ValueError(f"--plot-from: {csv_path} has no column(s) {sorted(missing)} (not a main-table csv?)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{csv_path.stem}.png"
+    table_figure(rows, f"{csv_path.name} (redrawn from the csv)").savefig(png, dpi=120)
+    return png
 
 
 # ------------------------------------------------------------------------------ real scale
@@ -316,26 +378,20 @@ def real_table(done: list[tuple[str, float, RowResult]]) -> list[dict[str, str]]
 
 def plot_real(rows: list[dict[str, str]], path: Path) -> None:
     """Relative-to-full of each cell beside the paper's, where the paper reports one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def num(x: str) -> float:
-        return float("nan") if x == "n/a" else float(x)
+    from matplotlib.figure import Figure
 
     labels = [f"{r['method']} {r['budget']}" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 4.5))
-    ax.bar([i - 0.2 for i in x], [num(r["Rel"]) for r in rows], width=0.4, label="this run")
-    ax.bar([i + 0.2 for i in x], [num(r["paper Rel"]) for r in rows], width=0.4, label="paper (3B)")
+    fig = Figure(figsize=(max(8, 0.5 * len(rows)), 4.5))
+    ax = fig.subplots()
+    ax.bar([i - 0.2 for i in x], [_num(r["Rel"]) for r in rows], width=0.4, label="this run")
+    ax.bar([i + 0.2 for i in x], [_num(r["paper Rel"]) for r in rows], width=0.4, label="paper (3B)")
     ax.set_ylabel("relative to Full (%)")
     ax.set_xticks(list(x))
     ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_real(args: Any, command: str) -> Path:
@@ -404,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="runs/tables",
                    help="where the table goes (default runs/tables; benchmarks/results holds the recorded ones)")
     p.add_argument("--quick", action="store_true", help="real: 2 training steps per EchoingPixels row")
+    p.add_argument("--plot-from", type=Path, metavar="TABLE.csv",
+                   help="only redraw the toy figure of a recorded table's csv into --out (evaluates nothing)")
     add_real_scale_arguments(p)
     p.add_argument(
         "--override",
@@ -418,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in args.methods if m not in available]
     if unknown:
         p.error(f"--methods: unknown {unknown}; the {args.scale} recipes have {list(available)}")
+    if args.plot_from is not None:
+        print(f"[main_table] wrote {plot_from(args.plot_from.resolve(), (ROOT / args.out).resolve())}")
+        return 0
     os.chdir(ROOT)  # the recipes' relative paths (data/, runs/) are relative to the repository root
     command = "python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/main_table.py", *(argv if argv is not None else sys.argv[1:])]
@@ -484,9 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"AV groups: {', '.join(av_groups)}; video-only groups: {', '.join(video_groups)}. "
         "Accuracies in %, relative columns in % of Full. " + " ".join(header_bits)
     )
-    md, csv_path = write_outputs(rows, ROOT / args.out, args.scale, command, header)
+    md, csv_path = write_outputs(rows, ROOT / args.out, args.scale, command, header, git_commit(ROOT))
     print(md.read_text())
-    print(f"[main_table] wrote {md} and {csv_path}")
+    print(f"[main_table] wrote {md}, {csv_path} and {md.with_suffix('.png')}")
     return 0
 
 

@@ -205,13 +205,11 @@ def plot_similarity(
     num_points: int = 4000,
 ) -> str:
     """Plot the temporal rotary similarity over distance for each layout and save it to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # drawn without pyplot: plotting never selects a backend
 
     d = torch.linspace(0, float(max_distance), int(num_points), dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     for spec in ropes:
         rope = _bound(spec, base, head_dim)
         name = f"{type(rope).__name__} {list(rope.sections)}"
@@ -236,7 +234,6 @@ def plot_similarity(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

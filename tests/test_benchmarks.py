@@ -216,3 +216,60 @@ def test_harness_prompt_format():
     assert lines[-1] == "Answer with the option's letter from the given choices directly."
     assert "its audio" not in format_mc_prompt("Which?", ["x", "y"], with_audio=False)
     assert format_mc_prompt("Q", ["x", "y"], instruction=None, suffix=None) == "Q\nA. x\nB. y"
+
+
+def _main_table_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "main_table.py"
+    spec = importlib.util.spec_from_file_location("main_table_writer", path)
+    mt = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mt  # dataclasses look their module up
+    spec.loader.exec_module(mt)
+    return mt
+
+
+def _table_row(method, budget, av, video):
+    return {"method": method, "budget": budget, "AV avg": av, "Video avg": video, "AV rel": "n/a", "Video rel": "n/a",
+            "Rel": "n/a", "overall acc": "n/a", "realised": "n/a", "layer-avg": "n/a", "n": "4", "note": ""}
+
+
+MAIN_ROWS = [
+    _table_row("Full", "100%", "60.0", "80.0"),
+    _table_row("FastV", "20%", "55.0", "70.0"),
+    _table_row("FastV", "10%", "50.0", "n/a"),
+    _table_row("EchoingPixels", "20%", "58.0", "79.0"),
+]
+
+
+def test_main_table_writer_records_command_commit_and_figure(tmp_path):
+    mt = _main_table_script()
+    md, csv_path = mt.write_outputs(MAIN_ROWS, tmp_path, "toy", "python benchmarks/main_table.py --scale toy", "hdr", "abc1234")
+    text = md.read_text()
+    assert "Command: `python benchmarks/main_table.py --scale toy`" in text and "Commit: `abc1234`" in text
+    assert "![accuracy against budget](main_table_toy.png)" in text
+    assert (tmp_path / "main_table_toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert csv_path.read_text().splitlines()[0].startswith("method,budget,AV avg,Video avg")
+
+
+def test_main_table_figure_plots_accuracy_against_budget_per_method(tmp_path):
+    mt = _main_table_script()
+    av, video = mt.table_figure(MAIN_ROWS, "t").axes
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in av.lines}
+    # budgets ascending; Full is the horizontal reference at its accuracy
+    assert lines["FastV"] == ([10.0, 20.0], [50.0, 55.0])
+    assert lines["EchoingPixels"] == ([20.0], [58.0])
+    assert lines["Full (100%)"][1] == [60.0, 60.0]
+    assert av.get_xscale() == "log"
+    video_lines = {ln.get_label(): list(ln.get_ydata()) for ln in video.lines}
+    assert video_lines["FastV"] == [70.0]  # the n/a cell is left out, not drawn as 0
+    # a recorded csv is redrawn without evaluating anything; a csv of another table is named
+    mt.write_outputs(MAIN_ROWS, tmp_path / "rec", "toy", "cmd", "hdr", "abc1234")
+    png = mt.plot_from(tmp_path / "rec" / "main_table_toy.csv", tmp_path / "fig")
+    assert png == tmp_path / "fig" / "main_table_toy.png" and png.read_bytes()[:4] == b"\x89PNG"
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"other\.csv has no column\(s\) \['AV avg', 'Video avg', 'budget', 'method'\]"):
+        mt.plot_from(other, tmp_path / "fig")

@@ -346,6 +346,15 @@ def test_memory_is_measured_in_a_fresh_process_per_row_and_clip(tmp_path):
     assert cs2["kv_cache"] < full["kv_cache"] and cs2["activation"] == full["activation"]
     md = paths["md"].read_text()
     assert "| cs2_ste_5 | 2 s (82) |" in md and "Training-step peak: 2 s:" in md
+    # On CPU the memory panels draw the measured peak RSS (MiB above resident), not an empty panel.
+    fig = bench.figure(result)
+    inference, train = fig.axes[2], fig.axes[3]
+    assert "peak RSS" in inference.get_ylabel()
+    drawn = {ln.get_label(): list(ln.get_ydata()) for ln in inference.lines}
+    assert drawn == {name: [e["inference"] / 2**20] for name, e in memory.items()}
+    plain = [ln for ln in train.lines if ln.get_linestyle() == "-"]
+    assert sorted(ln.get_ydata()[0] for ln in plain) == sorted(e["train"] / 2**20 for e in memory.values())
+    assert not [t for t in inference.texts if "not measured" in t.get_text()]
 
 
 def test_real_recipes_run_what_the_flop_model_counts_at_real_depth(tmp_path, monkeypatch):

@@ -219,7 +219,8 @@ def test_ddp_two_cpu_processes_sync_metrics(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics_file = next((tmp_path / "runs").rglob("metrics.csv"))
-    rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("val/acc")]
+    with metrics_file.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/acc")]
     assert rows and float(rows[-1]["val/count"]) == 5  # 5 questions over 2 ranks, padded to 6, counted once
     ddp_acc = float(rows[-1]["val/acc"])
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))

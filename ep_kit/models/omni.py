@@ -375,7 +375,11 @@ class OmniThinker(nn.Module):
         """
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        self.thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        kwargs = {"use_reentrant": use_reentrant}
+        if hasattr(self.thinker, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed the switch
+            self.thinker.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         func = next(
             (
                 m._gradient_checkpointing_func

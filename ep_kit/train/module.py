@@ -199,6 +199,11 @@ class EPKitModule(LightningModule):
             train_llm=train_llm,
             feature_cache=feature_cache,
         )
+        # transformers' from_pretrained hands the thinker back in eval mode, and Lightning keeps each
+        # submodule's mode: without this the LLM trained in eval mode, where transformers skips
+        # activation checkpointing (it only runs when `module.training`). Lightning's loops switch to
+        # eval for validate/test/predict themselves.
+        self.model.train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.optimizer_factory = optimizer
