@@ -54,9 +54,10 @@ from ep_kit.train.module import EPKitModule, read_lightning_checkpoint
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: how the shipped real-scale recipes mark the paths a user must set.
 PLACEHOLDER = "/path/to/"
-#: config keys (last component) that hold an input file or directory which must exist when set.
-#: ``init_from: shipped`` (the toy base) and the linked ``data.init_args.processor`` are not paths to check.
-INPUT_PATH_KEYS = ("path", "train", "val", "annotation", "media_root", "init_from")
+#: config keys (last component) that hold an input file or directory which must exist when set. Not
+#: ``init_from`` (weights or the toy base: their loaders name the command that builds a missing one),
+#: nor the linked ``data.init_args.processor`` (it repeats ``model.thinker.init_args.path``).
+INPUT_PATH_KEYS = ("path", "train", "val", "annotation", "media_root")
 NOT_PATHS = ("shipped",)
 LINKED = ("data.init_args.processor",)
 
