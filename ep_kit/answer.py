@@ -5,7 +5,7 @@
     ep-kit answer --video CLIP.mp4 --question "Which colour flashes first?" --options red green blue yellow \\
         --config recipes/toy/cs2_ste_20.yaml [--weights last.ckpt] [--keep_ratio 0.1] [--output_dir DIR]
 
-The recipe is parsed by the kit's own parser (:func:`ep_kit.cli.parse`), so the clip is encoded by
+The recipe is parsed by the kit's own parser (:func:`ep_kit.cli.answer` calls :func:`ep_kit.cli.parse`), so the clip is encoded by
 the recipe's data module (its processor, frame rate and pixel bounds, no sample cache) and answered
 by the recipe's model through the one prefill every run uses. With ``--options`` the answer is the
 option whose letter scores highest (as ``ep-kit test``); without, the model generates a short
@@ -33,7 +33,8 @@ from ep_kit.kept import kept_figure, kept_positions
 from ep_kit.sequence import Modality
 
 
-def _arguments() -> argparse.ArgumentParser:
+def arguments() -> argparse.ArgumentParser:
+    """The ``ep-kit answer`` arguments (unknown ``--key=value`` ones are recipe overrides: ``parse_known_args``)."""
     p = argparse.ArgumentParser(prog="ep-kit answer", description="Answer one question about one clip and "
                                 "draw which tokens were kept. Other --key=value arguments override the recipe.")
     p.add_argument("--video", required=True, help="the clip (a video file with its audio track)")
@@ -47,15 +48,20 @@ def _arguments() -> argparse.ArgumentParser:
     return p
 
 
-def build(configs: Sequence[str], overrides: Sequence[str]) -> tuple[Any, AVDataModule]:
-    """The recipe's module and data module, built by the kit's parser (no trainer, no sample cache)."""
-    from ep_kit.cli import parse
+def recipe_args(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
+    """The kit-parser arguments of an ``answer`` call: its recipes, no sample cache, weights, budget, overrides.
 
-    args = [a for c in configs for a in ("--config", str(c))]
-    args += ["--data.init_args.cache_dir=null", *overrides]
-    cli = parse(args)
-    built = cli.parser.instantiate_classes(cli.config)
-    return built.model, built.data
+    Checks the clip first, so a wrong path fails before the model is built.
+    """
+    if not Path(args.video).is_file():
+        raise FileNotFoundError(f"--video: {args.video} does not exist")
+    out = [a for c in args.config for a in ("--config", str(c))]
+    out += ["--data.init_args.cache_dir=null", *overrides]
+    if args.weights is not None:
+        out.append(f"--model.init_from={args.weights}")
+    if args.keep_ratio is not None:
+        out.append(f"--model.keep_ratio={args.keep_ratio}")
+    return out
 
 
 def encode(data: AVDataModule, video: str, question: str, options: Sequence[str] | None) -> dict[str, Any]:
@@ -77,25 +83,16 @@ def encode(data: AVDataModule, video: str, question: str, options: Sequence[str]
 
 
 def answer_clip(
+    module: Any,
+    data: AVDataModule,
     video: str,
     question: str,
     options: Sequence[str] | None,
-    configs: Sequence[str],
-    weights: str | None = None,
-    keep_ratio: float | None = None,
     output_dir: str | Path | None = None,
-    overrides: Sequence[str] = (),
     max_new_tokens: int = 32,
 ) -> dict[str, Any]:
-    """Answer, print the kept counts, write ``kept.json`` and ``kept.png``; returns the JSON record."""
-    if not Path(video).is_file():
-        raise FileNotFoundError(f"--video: {video} does not exist")
-    extra = list(overrides)
-    if weights is not None:
-        extra.append(f"--model.init_from={weights}")
-    if keep_ratio is not None:
-        extra.append(f"--model.keep_ratio={keep_ratio}")
-    module, data = build(configs, extra)
+    """Answer with the recipe's ``module`` (an ``EPKitModule``) and ``data`` module, print the kept
+    counts, write ``kept.json`` and ``kept.png``; returns the JSON record."""
     module.eval()
     batch = encode(data, video, question, options)
     model = module.model
@@ -144,10 +141,3 @@ def answer_clip(
           + f" (keep ratio {module.keep_ratio:g})")
     print(f"wrote {out / 'kept.json'}" + (f" and {out / 'kept.png'}" if grid is not None else ""))
     return record
-
-
-def main(argv: Sequence[str]) -> None:
-    """``ep-kit answer ...`` (unknown ``--key=value`` arguments go to the recipe parser)."""
-    args, overrides = _arguments().parse_known_args(list(argv))
-    answer_clip(args.video, args.question, args.options, args.config, args.weights, args.keep_ratio,
-                args.output_dir, overrides, args.max_new_tokens)

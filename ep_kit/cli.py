@@ -47,7 +47,6 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ep_kit.data import AVDataModule
-from ep_kit.recipes import plain_config
 from ep_kit.train.callbacks import AnswerWriter, LineProgress, run_summary
 from ep_kit.train.module import EPKitModule, read_lightning_checkpoint
 
@@ -109,7 +108,7 @@ def unset_paths(config: Any) -> list[str]:
             elif key.rsplit(".", 1)[-1] in INPUT_PATH_KEYS and text not in NOT_PATHS and not Path(text).exists():
                 found.append(f"{key}: {text} (does not exist)")
 
-    walk(plain_config(config), "")
+    walk(config.as_dict() if hasattr(config, "as_dict") else config, "")
     return found
 
 
@@ -423,6 +422,17 @@ def _build(
     )
 
 
+def answer(argv: Sequence[str]) -> dict[str, Any]:
+    """``ep-kit answer ...`` (:mod:`ep_kit.answer`): the recipe's module and data module built by :func:`parse`."""
+    from ep_kit.answer import answer_clip, arguments, recipe_args
+
+    args, overrides = arguments().parse_known_args(list(argv))
+    cli = parse(recipe_args(args, overrides))
+    built = cli.parser.instantiate_classes(cli.config)
+    return answer_clip(built.model, built.data, args.video, args.question, args.options, args.output_dir,
+                       args.max_new_tokens)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point ``ep-kit``: ``answer`` (one clip) or a Lightning subcommand.
 
@@ -431,9 +441,7 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(args) if args is not None else sys.argv[1:]
     try:
         if argv[:1] == ["answer"]:
-            from ep_kit.answer import main as answer_main
-
-            answer_main(argv[1:])
+            answer(argv[1:])
             return
         run(argv if args is not None else None)
     except (ConfigError, MissingExtraError) as err:
