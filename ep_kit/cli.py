@@ -240,9 +240,11 @@ class EPKitCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _summarise(self, subcommand: str) -> None:
+        log_dir = self.trainer.log_dir  # on every rank: the property broadcasts
         if self.trainer.is_global_zero:
             ckpt = self._held_ckpt_path if isinstance(self._held_ckpt_path, str) else None
-            print("\n".join(f"[ep-kit] {line}" for line in run_summary(self.trainer, subcommand, ckpt)), flush=True)
+            lines = run_summary(self.trainer, subcommand, ckpt, log_dir=log_dir)
+            print("\n".join(f"[ep-kit] {line}" for line in lines), flush=True)
 
     def after_fit(self) -> None:
         self._summarise("fit")

@@ -178,7 +178,9 @@ def _shown(path: Path | str) -> str:
         return str(p)
 
 
-def run_summary(trainer: Trainer, subcommand: str, ckpt_path: str | None = None) -> list[str]:
+def run_summary(
+    trainer: Trainer, subcommand: str, ckpt_path: str | None = None, log_dir: str | None = None
+) -> list[str]:
     """Lines naming where a finished ``fit|validate|test|predict`` went and the command to run next.
 
     The run directory (``trainer.log_dir``, with the ``config.yaml`` that reproduces the run), the
@@ -189,7 +191,9 @@ def run_summary(trainer: Trainer, subcommand: str, ckpt_path: str | None = None)
     run's saved ``config.yaml``, so they run exactly this configuration (``model.init_from``
     included), plus ``--ckpt_path`` when the run was given one.
     """
-    log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+    # ``trainer.log_dir`` broadcasts across ranks: a caller on rank zero only passes ``log_dir`` it read on all.
+    log_dir = log_dir if log_dir is not None else trainer.log_dir
+    log_dir = Path(log_dir) if log_dir else None
     lines = [f"{subcommand} finished: run directory {_shown(log_dir) if log_dir else '(no logger)'}"]
     config = log_dir / "config.yaml" if log_dir is not None else None
     config_arg = _shown(config) if config is not None and config.is_file() else "RECIPE.yaml"
