@@ -20,6 +20,13 @@ Differences from a bare ``LightningCLI``, each for a pitfall seen in practice:
   ``config.yaml`` never collides with another run's; re-running a saved config reproduces the run.
 * ``predict`` writes answers as jsonl (:class:`~ep_kit.train.callbacks.AnswerWriter`, configured
   under ``answers``: ``--answers.output_path FILE``; default ``<log dir>/predictions.jsonl``).
+* Every run ends with a summary of where it went (run directory, checkpoints, metrics, the next
+  command: :func:`~ep_kit.train.callbacks.run_summary`); with stdout off a terminal, progress is
+  logged as periodic lines (:class:`~ep_kit.train.callbacks.LineProgress`) instead of a live bar.
+* Configuration mistakes are reported before anything is built, all at once and without a
+  traceback from the console script: no recipe at all, and every ``/path/to`` placeholder or
+  missing input path (:func:`unset_paths`); ``--print_config`` lists the unset ones on stderr.
+* ``ep-kit answer ...`` asks about one clip (:mod:`ep_kit.answer`): not a Lightning subcommand.
 
 Programmatic use (the ablation benchmark, tests): :func:`run` returns the CLI object.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,11 +43,83 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ep_kit.data import AVDataModule
-from ep_kit.train.callbacks import AnswerWriter
+from ep_kit.train.callbacks import AnswerWriter, LineProgress, run_summary
 from ep_kit.train.module import EPKitModule, read_lightning_checkpoint
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: how the shipped real-scale recipes mark the paths a user must set.
+PLACEHOLDER = "/path/to/"
+#: config keys (last component) that hold an input file or directory which must exist when set. Not
+#: ``init_from`` (weights or the toy base: their loaders name the command that builds a missing one),
+#: nor the linked ``data.init_args.processor`` (it repeats ``model.thinker.init_args.path``).
+INPUT_PATH_KEYS = ("path", "train", "val", "annotation", "media_root")
+NOT_PATHS = ("shipped",)
+LINKED = ("data.init_args.processor",)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run as given (the message lists every problem and how to fix it)."""
+
+
+def missing_recipe(args: Sequence[str]) -> str | None:
+    """Why ``args`` cannot run, when they name a subcommand but no recipe at all; else None.
+
+    Without a ``--config`` (or ``--model``) nothing says which model and data to use, and the
+    parser would only fail inside a link function. Help requests are left to the parser.
+    """
+    args = [str(a) for a in args]
+    sub = next((a for a in args if a in SUBCOMMANDS), None)
+    if sub is None or any(a in ("-h", "--help") or ".help" in a for a in args):
+        return None
+    if any(a.split("=", 1)[0] in ("-c", "--config", "--model", "--model.thinker") for a in args):
+        return None
+    return (
+        f"ep-kit {sub} needs a recipe: --config FILE, e.g.\n"
+        f"  ep-kit {sub} --config recipes/toy/cs2_ste_20.yaml\n"
+        "A recipe sets model.thinker (which model), model.reducer (which method) and data (which data "
+        "module); see recipes/ and `ep-kit " + sub + " --help`."
+    )
+
+
+def unset_paths(config: Any) -> list[str]:
+    """Every ``/path/to`` placeholder and every missing input path of a parsed config, one line each.
+
+    Placeholders are found in any string value; existence is checked for the keys in
+    :data:`INPUT_PATH_KEYS` (model directory, data files, weights). Link targets are skipped (they
+    repeat their source).
+    """
+    found: list[str] = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, (str, Path)) and not key.endswith(LINKED):
+            text = str(value)
+            if text.startswith(PLACEHOLDER):
+                found.append(f"{key}: {text} (placeholder)")
+            elif key.rsplit(".", 1)[-1] in INPUT_PATH_KEYS and text not in NOT_PATHS and not Path(text).exists():
+                found.append(f"{key}: {text} (does not exist)")
+
+    walk(config.as_dict() if hasattr(config, "as_dict") else config, "")
+    return found
+
+
+def unset_paths_message(problems: Sequence[str]) -> str:
+    """One short message for :func:`unset_paths`' lines, with how to set them."""
+    return (
+        f"{len(problems)} path(s) of this configuration are not set:\n"
+        + "\n".join(f"  {p}" for p in problems)
+        + "\nSet each on the command line (e.g. --model.thinker.init_args.path=/data/Qwen2.5-Omni-3B) or in a "
+        "paths file given as one more --config (README \"Real scale\")."
+    )
 
 
 def processor_for(thinker: Any) -> str:
@@ -47,6 +127,8 @@ def processor_for(thinker: Any) -> str:
 
     Linked once here so the tokenizer can never disagree with the model's vocabulary.
     """
+    if thinker is None:
+        raise ConfigError("model.thinker is not set: give a recipe (--config FILE) or --model.thinker")
     class_path = getattr(thinker, "class_path", None) or thinker["class_path"]
     init_args = getattr(thinker, "init_args", None) or thinker.get("init_args", {})
     if class_path.rsplit(".", 1)[-1] == "PretrainedThinker":
@@ -102,6 +184,27 @@ def nested_nulls(args: Sequence[str]) -> list[str]:
     return out
 
 
+#: arguments of a subcommand's run (Trainer.fit/validate/test/predict), not of the configuration.
+RUN_ARGUMENTS = ("ckpt_path", "verbose", "return_predictions", "weights_only")
+
+
+class SaveRecipe(SaveConfigCallback):
+    """Save the run's configuration (trainer, model, data, answers) without the subcommand's run arguments.
+
+    Why: ``config.yaml`` then works with every subcommand (``ep-kit test --config <fit run>/config.yaml``
+    and ``ep-kit predict --config <test run>/config.yaml``: a ``verbose`` key saved by ``test`` would
+    be refused by ``predict``). The weights go on the command line (``--ckpt_path``), as the end-of-run
+    summary prints them.
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, *args: Any, **kwargs: Any) -> None:
+        config = config.clone()
+        for key in RUN_ARGUMENTS:
+            if key in config:
+                del config[key]
+        super().__init__(parser, config, *args, **kwargs)
+
+
 class EPKitCLI(LightningCLI):
     """LightningCLI for :class:`~ep_kit.train.module.EPKitModule` and :class:`~ep_kit.data.AVDataModule`.
 
@@ -116,9 +219,44 @@ class EPKitCLI(LightningCLI):
         parser.add_lightning_class_args(AnswerWriter, "answers")
 
     def instantiate_classes(self) -> None:
-        """Build the configured objects; first fail early, with the fix, when an optional extra is missing."""
+        """Build the configured objects; first fail early, with the fix, on unset paths or a missing extra."""
+        problems = unset_paths(self._subcommand_config())
+        if problems:
+            raise ConfigError(unset_paths_message(problems))
         self._check_extras()
         super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer; with stdout off a terminal, progress as :class:`LineProgress` lines unless a bar is configured."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer.get("callbacks") or [])
+        if (
+            not sys.stdout.isatty()
+            and trainer.get("enable_progress_bar") is not False
+            and not any(isinstance(cb, ProgressBar) for cb in callbacks)
+            and "callbacks" not in kwargs
+        ):
+            kwargs["callbacks"] = [*callbacks, LineProgress()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _summarise(self, subcommand: str) -> None:
+        log_dir = self.trainer.log_dir  # on every rank: the property broadcasts
+        if self.trainer.is_global_zero:
+            ckpt = self._held_ckpt_path if isinstance(self._held_ckpt_path, str) else None
+            lines = run_summary(self.trainer, subcommand, ckpt, log_dir=log_dir)
+            print("\n".join(f"[ep-kit] {line}" for line in lines), flush=True)
+
+    def after_fit(self) -> None:
+        self._summarise("fit")
+
+    def after_validate(self) -> None:
+        self._summarise("validate")
+
+    def after_test(self) -> None:
+        self._summarise("test")
+
+    def after_predict(self) -> None:
+        self._summarise("predict")
 
     def _subcommand_config(self) -> Any:
         """The parsed config of the subcommand being run (the whole config when run without one)."""
@@ -162,6 +300,10 @@ class EPKitCLI(LightningCLI):
             args = sys.argv[1:]
         if isinstance(args, (list, tuple)):
             args = nested_nulls(args)
+            missing = missing_recipe(args)
+            if missing is not None:
+                parser.error(missing)
+            self._note_unset_paths(parser, args)
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         self._check_ckpt_path()
         subcommand = self.config.get("subcommand")
@@ -169,6 +311,22 @@ class EPKitCLI(LightningCLI):
         if subcommand:
             self._held_ckpt_path = self.config[subcommand].get("ckpt_path")
             self.config[subcommand]["ckpt_path"] = None
+
+    @staticmethod
+    def _note_unset_paths(parser: LightningArgumentParser, args: Sequence[str]) -> None:
+        """With ``--print_config``: list the configuration's unset paths on stderr (the YAML on stdout stays clean)."""
+        if not any(str(a).startswith("--print_config") for a in args):
+            return
+        rest = [a for a in args if not str(a).startswith("--print_config")]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                config = parser.parse_args(rest)
+        except SystemExit:
+            return  # the real parse below reports the error
+        sub = config.get("subcommand")
+        problems = unset_paths(config.get(sub) if sub else config)
+        if problems:
+            print("# " + unset_paths_message(problems).replace("\n", "\n# "), file=sys.stderr, flush=True)
 
     def before_instantiate_classes(self) -> None:
         """Give the subcommand its ``ckpt_path`` back (held back in :meth:`parse_arguments`)."""
@@ -252,6 +410,7 @@ def _build(
         auto_configure_optimizers=False,
         # A resumed run (fixed logger version, e.g. ep_kit.runs) rewrites its own config.yaml; fresh runs
         # each get a new version directory, so nothing else is ever overwritten.
+        save_config_callback=SaveRecipe,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {
@@ -265,14 +424,37 @@ def _build(
     )
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Console entry point ``ep-kit``."""
-    argv = list(args) if args is not None else sys.argv[1:]
-    if argv[:1] == ["export"]:  # not a Lightning subcommand: ep_kit.export
-        from ep_kit.export import main as export_main
+def answer(argv: Sequence[str]) -> dict[str, Any]:
+    """``ep-kit answer ...`` (:mod:`ep_kit.answer`): the recipe's module and data module built by :func:`parse`."""
+    from ep_kit.answer import answer_clip, arguments, recipe_args
 
-        return export_main(argv[1:])
-    run(list(args) if args is not None else None)
+    args, overrides = arguments().parse_known_args(list(argv))
+    cli = parse(recipe_args(args, overrides))
+    built = cli.parser.instantiate_classes(cli.config)
+    return answer_clip(built.model, built.data, args.video, args.question, args.options, args.output_dir,
+                       args.max_new_tokens)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point ``ep-kit``: ``answer`` (one clip), ``export`` (checkpoint -> model directory) or a
+    Lightning subcommand.
+
+    A configuration error (unset paths, a missing extra) ends with its message and status 2, no traceback.
+    """
+    argv = list(args) if args is not None else sys.argv[1:]
+    try:
+        if argv[:1] == ["answer"]:
+            answer(argv[1:])
+            return
+        if argv[:1] == ["export"]:  # not a Lightning subcommand: ep_kit.export
+            from ep_kit.export import main as export_main
+
+            export_main(argv[1:])
+            return
+        run(argv if args is not None else None)
+    except (ConfigError, MissingExtraError) as err:
+        print(f"ep-kit: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -146,9 +146,12 @@ def test_predict_writes_one_answer_per_question(trained, tmp_path):
     samples = {s.question_id: s for s in cli.datamodule.source.bench.samples("test")}
     assert set(rows_by_id) == set(samples)
     for qid, row in rows_by_id.items():
-        assert row["answer"] == samples[qid].answer_letter
-        assert row["predicted"] in "ABCD"
-        assert row["correct"] == (row["predicted"] == row["answer"])
+        sample = samples[qid]
+        assert row["question"] == sample.question and row["options"] == sample.options
+        assert row["target"] == sample.answer_letter
+        assert row["answer"] in "ABCD"
+        assert row["answer_text"] == sample.options["ABCD".index(row["answer"])]
+        assert row["correct"] == (row["answer"] == row["target"])
         n_av = row["n_video"] + row["n_audio"]
         assert row["kept_video"] + row["kept_audio"] == keep_count(n_av, 0.2)
 

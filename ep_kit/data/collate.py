@@ -20,7 +20,7 @@ from ep_kit.data.processor import IGNORE_INDEX
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "answer_mask")
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "video_second_per_grid")
-META_KEYS = ("question_id", "category", "benchmark")
+META_KEYS = ("question_id", "category", "benchmark", "question", "options")
 
 
 def collate_av(
@@ -37,7 +37,7 @@ def collate_av(
     drops them through ``feature_attention_mask``, so the model sees the same features.
     Evaluation samples may carry ``choice_token_ids`` / ``answer_index`` (stacked, plus a
     ``choice_mask`` of real options) and
-    ``question_id`` / ``category`` / ``benchmark`` (kept as lists).
+    ``question_id`` / ``category`` / ``benchmark`` / ``question`` / ``options`` (kept as lists).
 
     ``None`` samples (a dataset with ``skip_bad`` that could not decode them, counted in its skip
     report) are dropped, so the batch is smaller. A batch whose samples are *all* ``None`` raises

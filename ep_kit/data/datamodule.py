@@ -87,6 +87,7 @@ class MCDataset(Dataset):
         out["choice_token_ids"] = torch.tensor(self.encoder.builder.letter_ids(s.letters), dtype=torch.long)
         out["answer_index"] = s.answer_index
         out["question_id"], out["category"], out["benchmark"] = s.question_id, s.category, s.benchmark
+        out["question"], out["options"] = s.question, list(s.options)
         return out
 
     def drop_unreadable(self, report: SkipReport) -> MCDataset:

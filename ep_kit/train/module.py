@@ -391,7 +391,8 @@ class EPKitModule(LightningModule):
 
         Only the logits at the end of each prompt are computed (the lm_head never runs on the
         whole sequence). Returns ``predicted`` (B,), ``target`` (B,), ``num_options`` (B,),
-        ``choice_logits`` (B, n_options), ``stats`` (budget) and the metadata lists.
+        ``choice_logits`` (B, n_options), ``stats`` (budget), ``prefill`` (the
+        :class:`~ep_kit.models.omni.Prefill`: which tokens were kept) and the metadata lists.
         """
         choices = batch.get("choice_token_ids")
         target = batch.get("answer_index")
@@ -413,6 +414,7 @@ class EPKitModule(LightningModule):
             "num_options": valid.sum(-1),
             "choice_logits": choice_logits,
             "stats": stats,
+            "prefill": p,
             **meta,
         }
 
@@ -495,20 +497,29 @@ class EPKitModule(LightningModule):
     def predict_step(
         self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
-        """Per-sample answers: question id, predicted and correct letter, kept tokens."""
+        """Per-sample answers: question, options, answer (predicted letter), target, correctness, kept tokens.
+
+        ``question`` / ``options`` are None for a batch that does not carry them (a data source of
+        its own); ``target`` and ``correct`` are None for a question without a known answer.
+        """
         res = self.answer(batch)
         stats = res["stats"]
+        questions, options = batch.get("question"), batch.get("options")
         records = []
         for i in range(res["predicted"].shape[0]):
             pred, gold = int(res["predicted"][i]), int(res["target"][i])
+            opts = list(options[i]) if options is not None else None
             records.append(
                 {
                     "question_id": res["question_id"][i],
                     "benchmark": res["benchmark"][i],
                     "category": res["category"][i],
-                    "predicted": option_letter(pred),
-                    "answer": option_letter(gold) if gold >= 0 else None,
-                    "correct": pred == gold,
+                    "question": questions[i] if questions is not None else None,
+                    "options": opts,
+                    "answer": option_letter(pred),
+                    "answer_text": opts[pred] if opts is not None and pred < len(opts) else None,
+                    "target": option_letter(gold) if gold >= 0 else None,
+                    "correct": pred == gold if gold >= 0 else None,
                     "keep_ratio": self.keep_ratio,
                     "kept_video": int(stats["kept_video"][i]),
                     "kept_audio": int(stats["kept_audio"][i]),
