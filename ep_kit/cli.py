@@ -36,8 +36,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 import re
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -403,6 +405,18 @@ def _build(
     cli_class: type[EPKitCLI] = EPKitCLI,
     parser_kwargs: dict[str, Any] | None = None,
 ) -> EPKitCLI:
+    # Given arguments are the whole command line: hide the caller's own sys.argv from LightningCLI (it would
+    # otherwise warn that both are set, and nothing of the caller's flags is meant for it).
+    with program_argv() if args is not None else contextlib.nullcontext():
+        return _construct(args, run_subcommand, cli_class, parser_kwargs)
+
+
+def _construct(
+    args: Sequence[str] | dict | None,
+    run_subcommand: bool,
+    cli_class: type[EPKitCLI],
+    parser_kwargs: dict[str, Any] | None,
+) -> EPKitCLI:
     return cli_class(
         EPKitModule,
         AVDataModule,
@@ -435,6 +449,29 @@ def answer(argv: Sequence[str]) -> dict[str, Any]:
                        args.max_new_tokens)
 
 
+class _DropTips(logging.Filter):
+    """Drops Lightning's promotional tips (``💡 Tip: ...``: litlogger, litmodels); it offers no switch for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def quiet_third_party_notices() -> None:
+    """Silence, by exact message, the notices of the stack that a user of ``ep-kit`` can do nothing about.
+
+    Lightning's tips go through the ``rank_zero`` logger (a logging filter is the documented way to drop
+    records); Lightning's own ``LeafSpec`` deprecation comes from its pytree helper under torch >= 2.10 and
+    is fixed upstream, not here. The same message is filtered in the pytest configuration.
+    """
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point ``ep-kit``: ``answer`` (one clip), ``export`` (checkpoint -> model directory) or a
     Lightning subcommand.
@@ -442,6 +479,7 @@ def main(args: Sequence[str] | None = None) -> None:
     A configuration error (unset paths, a missing extra) ends with its message and status 2, no traceback.
     """
     argv = list(args) if args is not None else sys.argv[1:]
+    quiet_third_party_notices()
     try:
         if argv[:1] == ["answer"]:
             answer(argv[1:])

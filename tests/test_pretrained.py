@@ -182,6 +182,19 @@ def test_export_of_a_fit_checkpoint_loads_as_the_trained_model(tmp_path):
     assert torch.equal(got.kept.source_index, ref.kept.source_index)
     torch.testing.assert_close(got.logits, ref.logits, rtol=0, atol=0)
 
+    # The README's `ep-kit answer ... --weights CKPT`: the same checkpoint answers one clip.
+    from test_answer import _clip
+
+    from ep_kit.budget import keep_count
+
+    answered = tmp_path / "answer"
+    main(["answer", "--video", str(_clip(tmp_path / "clip.mp4")), "--question", "Which colour flashes?",
+          "--options", "red", "green", "blue", "yellow", "--config", str(TOY_ROW), "--weights", str(ckpt),
+          "--keep_ratio", "0.2", "--output_dir", str(answered)])
+    counts = json.loads((answered / "kept.json").read_text())["counts"]
+    total = counts["video"]["total"] + counts["audio"]["total"]
+    assert counts["video"]["kept"] + counts["audio"]["kept"] == keep_count(total, 0.2)
+
     with pytest.raises(FileExistsError, match="not empty"):
         main(["export", str(ckpt), str(out)])
     with pytest.raises(ValueError, match="not a Lightning checkpoint"):
