@@ -23,5 +23,6 @@ def toy_args(root: Path, *, num_train: int = 8, num_val: int = 5, num_test: int 
         "--data.init_args.eval_batch_size=4",
         f"--trainer.logger.init_args.save_dir={root / 'runs'}",
         f"--trainer.max_epochs={epochs}",
+        "--trainer.log_every_n_steps=1",  # a few batches per epoch: log each (and no "interval too long" warning)
         "--trainer.enable_progress_bar=false",
     ]

@@ -94,9 +94,13 @@ def test_real_recipe_has_the_paper_settings(path):
 
 @pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
 def test_real_recipe_instantiates_on_a_standin_checkpoint(path, standin, tmp_path):
+    # Every placeholder path must be set before anything is built (ep_kit.cli.unset_paths): the stand-in's
+    # paths file sets the training data of these training rows.
+    paths = ["--config", str(standin.paths_train)]
     cli = run(
         [
             *config_args(path),
+            *paths,
             f"--model.thinker.init_args.path={standin.model}",
             "--model.thinker.init_args.dtype=float32",
             "--trainer.accelerator=cpu",

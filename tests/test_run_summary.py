@@ -73,3 +73,13 @@ def test_fit_test_predict_summaries_name_their_files_and_the_next_command_runs(t
 def test_line_progress_rejects_a_negative_interval():
     with pytest.raises(ValueError, match="every_n_seconds"):
         LineProgress(every_n_seconds=-1)
+
+
+def test_tensorboard_is_one_logger_option(tmp_path, capsys):
+    """The README's ``--trainer.logger=TensorBoardLogger``: event files in the run directory the summary names."""
+    args = [a for a in toy_args(tmp_path, num_train=4, num_val=2, num_test=2) if not a.startswith("--trainer.logger")]
+    run(["fit", "--config", str(TOY_ROW), *args, "--trainer.logger=TensorBoardLogger",
+         f"--trainer.logger.save_dir={tmp_path / 'tb'}"])
+    fit = _summary(capsys.readouterr().out)
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events and Path(fit["run directory"]).resolve() == events[0].parent.resolve()
