@@ -11,23 +11,18 @@ folder, the paper's FLOP ceilings, and the memory probes (one fresh process per 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("ep_kit_bench_efficiency", ROOT / "benchmarks" / "efficiency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("efficiency")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +34,7 @@ def smoke(tmp_path_factory):
 
 
 def load_main_table():
-    spec = importlib.util.spec_from_file_location("ep_kit_bench_main_table", ROOT / "benchmarks" / "main_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("main_table")
 
 
 def test_smoke_writes_json_markdown_and_plot(smoke):

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 
 from ep_kit.masks import Bidirectional, Causal, IntraModal
 from ep_kit.models.tiny import SampleSpec
 from ep_kit.reducers import CS2, RandomReducer
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("ep_kit_bench_op_counts", ROOT / "benchmarks" / "op_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("op_counts")
 
 
 def test_counter_sees_each_kind_of_host_sync_by_hand():
@@ -109,9 +101,7 @@ def test_op_counts_script_writes_every_main_table_method(tmp_path):
 
 
 def test_label_logits_script_measures_both_modes(tmp_path):
-    spec = importlib.util.spec_from_file_location("ep_kit_bench_label_logits", ROOT / "benchmarks" / "label_logits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("label_logits")
     result = module.main(["--sizes", "toy", "--repeats", "1", "--mem-steps", "1", "--out", str(tmp_path)])
     row = result["rows"][0]
     assert row["loss"]["all"] == pytest.approx(row["loss"]["labels"], rel=1e-6)

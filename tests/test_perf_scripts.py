@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"ep_kit_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from _scripts import load_script
 
 
 def test_sieve_cost_script_runs_only_the_rows_the_sieve_needs(tmp_path, capsys):
-    sc = _script("sieve_cost")
+    sc = load_script("sieve_cost")
     paths = sc.main(["--lengths", "1024", "--layers", "2", "--hidden", "256", "--repeats", "1", "--warmup", "0",
                      "--answer-tokens", "8", "--out", str(tmp_path)])
     result = json.loads(paths[0].read_text())
@@ -40,7 +28,7 @@ def test_sieve_cost_script_runs_only_the_rows_the_sieve_needs(tmp_path, capsys):
 
 
 def test_encoder_attention_script_groups_window_calls_with_stock_outputs(tmp_path):
-    ea = _script("encoder_attention")
+    ea = load_script("encoder_attention")
     paths = ea.main(["--depth", "2", "--frames", "2", "--height", "112", "--width", "224", "--repeats", "1",
                      "--core-repeats", "1", "--out", str(tmp_path)])
     result = json.loads(paths["json"].read_text())

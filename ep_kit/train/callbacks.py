@@ -115,6 +115,13 @@ class LineProgress(ProgressBar):
         epoch = f" epoch {trainer.current_epoch}" if stage in ("train", "validate") else ""
         print(f"[ep-kit] {stage}{epoch} batch {done}/{of} ({now - self._start:.0f}s)  {shown}".rstrip(), flush=True)
 
+    def _loader_line(
+        self, stage: str, kind: str, batch_idx: int, dataloader_idx: int, trainer: Trainer, pl_module: LightningModule
+    ) -> None:
+        """An evaluation loop's line: the base class counts batches per loader (``total_<kind>_batches_current_dataloader``)."""
+        self.has_dataloader_changed(dataloader_idx)
+        self._line(stage, batch_idx + 1, getattr(self, f"total_{kind}_batches_current_dataloader"), trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._begin()
 
@@ -135,8 +142,7 @@ class LineProgress(ProgressBar):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.has_dataloader_changed(dataloader_idx)  # the base class counts batches per loader
-        self._line("validate", batch_idx + 1, self.total_val_batches_current_dataloader, trainer, pl_module)
+        self._loader_line("validate", "val", batch_idx, dataloader_idx, trainer, pl_module)
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._begin()
@@ -150,8 +156,7 @@ class LineProgress(ProgressBar):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.has_dataloader_changed(dataloader_idx)  # the base class counts batches per loader
-        self._line("test", batch_idx + 1, self.total_test_batches_current_dataloader, trainer, pl_module)
+        self._loader_line("test", "test", batch_idx, dataloader_idx, trainer, pl_module)
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._begin()
@@ -165,8 +170,7 @@ class LineProgress(ProgressBar):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.has_dataloader_changed(dataloader_idx)  # the base class counts batches per loader
-        self._line("predict", batch_idx + 1, self.total_predict_batches_current_dataloader, trainer, pl_module)
+        self._loader_line("predict", "predict", batch_idx, dataloader_idx, trainer, pl_module)
 
 
 def _shown(path: Path | str) -> str:
