@@ -9,7 +9,7 @@ TOY_ROW = REPO / "recipes" / "toy" / "cs2_ste_20.yaml"
 
 
 def toy_args(root: Path, *, num_train: int = 8, num_val: int = 5, num_test: int = 5, epochs: int = 1) -> list[str]:
-    """Overrides that shrink a toy recipe to seconds: random tiny thinker, 2-second clips at 28 px."""
+    """Overrides that shrink a toy recipe to seconds: random tiny thinker, 2-second clips at 28 px, original types."""
     return [
         "--model.thinker.init_args.init_from=null",
         f"--data.init_args.source.init_args.root={root / 'synthetic'}",
@@ -18,6 +18,8 @@ def toy_args(root: Path, *, num_train: int = 8, num_val: int = 5, num_test: int 
         f"--data.init_args.source.init_args.num_test={num_test}",
         "--data.init_args.source.init_args.seconds=2",
         "--data.init_args.source.init_args.resolution=28",
+        # the original five question types (the probes need >= 4 s clips; tests/test_synthetic.py covers them)
+        "--data.init_args.source.init_args.question_types=null",
         f"--data.init_args.cache_dir={root / 'cache'}",
         "--data.init_args.batch_size=4",
         "--data.init_args.eval_batch_size=4",

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from ep_kit.data.benchmarks import LETTERS
 from ep_kit.data.media import load_audio, load_video
 from ep_kit.data.synthetic import SyntheticAVBenchmark
 
@@ -146,3 +147,120 @@ def test_samples_and_bad_knobs(bench, tmp_path):
         _bench(tmp_path, seconds=1)
     with pytest.raises(FileNotFoundError, match="prepare"):
         _bench(tmp_path / "never").rows("train")
+
+
+# ---------------------------------------------------------------------------------------------- probes
+PROBE_MIX = ["query", "binding", "order_long", "distractor", "quota"]
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    return SyntheticAVBenchmark(
+        tmp_path_factory.mktemp("probes"), num_train=0, num_val=0, num_test=20, seconds=6, resolution=112,
+        question_types=PROBE_MIX, dense_seconds=8, long_seconds=[8, 12],
+    ).prepare()
+
+
+def _at(events, t):
+    return [e for e in events if e["onset"] <= t < e["onset"] + e["duration"]]
+
+
+def _recompute_probe(row) -> str:
+    """A probe's answer from its event list, by the rule the question states (not the generator's path)."""
+    ev, q, kind = row["events"], row["question"], row["question_type"]
+    flashes = [e for e in ev if e["kind"] == "flash"]
+    tones = [e for e in ev if e["kind"] == "tone"]
+    if kind == "query":  # "Tone during the <colour> flash?": the colour shows once; every second is busy
+        colour = q[len("Tone during the ") : -len(" flash?")]
+        (f,) = [e for e in flashes if e["colour"] == colour]
+        assert len(flashes) == len(tones) == row["seconds"]  # more events than 20% of the tokens keep whole
+        (t,) = [e for e in _at(tones, f["onset"])]
+        return t["pitch"]
+    if kind == "binding":  # "Colour during the <pitch> tone?" among 4 flashes and 4 tones
+        assert len(flashes) == len(tones) == 4 and len({e["pitch"] for e in tones}) == 4
+        (t,) = [e for e in tones if e["pitch"] == q[len("Colour during the ") : -len(" tone?")]]
+        (f,) = _at(flashes, t["onset"])
+        return f["colour"]
+    if kind == "order_long":
+        a, b = q[len("Which came first, ") : -1].split(" or ")
+        first, second = sorted(flashes, key=lambda e: e["onset"])
+        assert {first["colour"], second["colour"]} == {a, b}
+        assert first["onset"] < row["seconds"] / 4 and second["onset"] >= row["seconds"] * 3 / 4  # far apart
+        return first["colour"]
+    if kind == "distractor":
+        (sq,) = [e for e in flashes if e["size"] > 0]
+        assert sq["level"] < 0.5 and all(e["level"] == 1.0 for e in flashes if e is not sq) and len(flashes) == 4
+        return sq["colour"]
+    if kind == "quota":
+        if q == "Which tone was heard?":
+            (t,) = tones
+            assert len(flashes) == row["seconds"]  # the other modality is busy every second
+            return t["pitch"]
+        (f,) = flashes
+        assert q == "Which colour was shown?" and len(tones) == row["seconds"]
+        return f["colour"]
+    raise AssertionError(kind)
+
+
+def test_probe_answers_follow_from_their_events(probes):
+    rows = probes.rows("test")
+    assert Counter(r["question_type"] for r in rows) == {p: 4 for p in PROBE_MIX}
+    assert [r["seconds"] for r in rows if r["question_type"] == "order_long"] == [8, 12, 8, 12]
+    assert {r["seconds"] for r in rows if r["question_type"] == "query"} == {8}
+    for r in rows:
+        assert r["options"][LETTERS.index(r["answer"])] == _recompute_probe(r), r["question_id"]
+    quota = [r["question"] for r in rows if r["question_type"] == "quota"]
+    assert len(set(quota)) == 2  # both directions appear
+
+
+def test_probe_clip_has_its_own_length_and_the_dim_square_where_its_events_say(probes):
+    rows = probes.rows("test")
+    for r in rows[:5]:
+        clip = load_video(probes.directory / r["video"], max_frames=64)
+        assert clip.frames.shape[0] == 2 * r["seconds"]  # 2 fps, each clip as long as its row says
+        assert abs(len(load_audio(probes.directory / r["video"])) / SR - r["seconds"]) < 0.1
+    (d,) = [r for r in rows if r["question_type"] == "distractor"][:1]
+    (sq,) = [e for e in d["events"] if e["size"] > 0]
+    clip = load_video(probes.directory / d["video"], max_frames=64, min_pixels=28 * 28, max_pixels=112 * 112)
+    assert tuple(clip.frames.shape[-2:]) == (112, 112)  # not resized: cell (r, c) is pixels 28r.., 28c..
+    frame = clip.frames[int(sq["onset"] * 2)]
+    frame = frame.permute(1, 2, 0).numpy().astype(float)  # (H, W, 3)
+    r0, c0, n = 28 * sq["row"], 28 * sq["col"], 28 * sq["size"]
+    inside = frame[r0 + 4 : r0 + n - 4, c0 + 4 : c0 + n - 4].reshape(-1, 3).mean(0)
+    assert np.allclose(inside, 0.45 * np.array(RGB[sq["colour"]]), atol=14)  # dim, its own colour
+    outside = np.ones(frame.shape[:2], bool)
+    outside[max(0, r0 - 4) : r0 + n + 4, max(0, c0 - 4) : c0 + n + 4] = False
+    assert frame[outside].max() < 20  # black elsewhere
+
+
+def test_probe_token_mix_is_mostly_video_like_real_clips(tmp_path):
+    """At the toy recipes' 280 px, 100 video tokens per second beside 25 audio tokens: 80% video."""
+    from ep_kit.data.datamodule import AVDataModule, SyntheticSource
+
+    source = SyntheticSource(root=str(tmp_path / "b"), num_train=0, num_val=0, num_test=5, seconds=6, resolution=280,
+                             question_types=PROBE_MIX, dense_seconds=12, long_seconds=[16])
+    dm = AVDataModule(source, eval_batch_size=5, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    from ep_kit.tokens import TINY_SPECIAL_TOKENS
+
+    ids = batch["input_ids"]
+    video = (ids == TINY_SPECIAL_TOKENS["<|VIDEO|>"]).sum(-1)
+    audio = (ids == TINY_SPECIAL_TOKENS["<|AUDIO|>"]).sum(-1)
+    seconds = [r["seconds"] for r in source.bench.rows("test")]
+    assert video.tolist() == [100 * s for s in seconds]
+    assert all(abs(a - 25 * s) <= 2 for a, s in zip(audio.tolist(), seconds, strict=True))  # (+ AAC padding)
+    share = video.sum() / (video.sum() + audio.sum())
+    assert 0.75 <= float(share) <= 0.85
+
+
+def test_probe_knobs_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="question_types"):
+        SyntheticAVBenchmark(tmp_path, question_types=["query", "nonsense"])
+    with pytest.raises(ValueError, match="long_seconds"):
+        SyntheticAVBenchmark(tmp_path, question_types=["order_long"], long_seconds=[4])
+    with pytest.raises(ValueError, match="seconds >= 4"):
+        SyntheticAVBenchmark(tmp_path, question_types=["binding"], seconds=2)
+    # the original benchmark's knobs (and so its directory) do not change when no probe is asked for
+    assert "question_types" not in SyntheticAVBenchmark(tmp_path).knobs

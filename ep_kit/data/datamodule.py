@@ -158,6 +158,9 @@ class SyntheticSource(DataSource):
         resolution: int = 56,
         shuffle_options: bool = False,
         seed: int = 0,
+        question_types: list[str] | None = None,
+        dense_seconds: int = 12,
+        long_seconds: list[int] | None = None,
     ) -> None:
         self.resolution = resolution
         self.bench = SyntheticAVBenchmark(
@@ -170,6 +173,9 @@ class SyntheticSource(DataSource):
             resolution,
             shuffle_options=shuffle_options,
             seed=seed,
+            question_types=question_types,
+            dense_seconds=dense_seconds,
+            long_seconds=long_seconds,
         )
 
     def pixel_bounds(self) -> tuple[int, int]:
@@ -178,7 +184,7 @@ class SyntheticSource(DataSource):
 
     def audio_window(self) -> int:
         # Features of the real frames do not depend on the window; a short one is cheaper.
-        return int(self.bench.knobs["seconds"]) + 1
+        return int(self.bench.max_seconds) + 1
 
     def prepare(self) -> None:
         self.bench.prepare()

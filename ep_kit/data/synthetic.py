@@ -12,6 +12,24 @@ so a tiny thinker (hidden 64) can learn it on a CPU in minutes. Question types:
 * ``picture_only``: which colour appeared (a tone is a distractor);
 * ``sync``: whether the flash and the tone were together, which came first, or no sound at all.
 
+Mechanism probes (issue 14), each tied to one claim of the paper; name them in ``question_types``
+(:data:`PROBE_TYPES`; :data:`TOY_PROBE_MIX` is the mix the toy recipes use):
+
+* ``query`` (query dependence): a flash and a tone in every second of a ``dense_seconds`` clip, more
+  events than a 20% budget keeps whole; the question (after the media) names a colour and asks the
+  tone heard during it. Only a sieve that sees the question can know which second matters.
+* ``binding`` (cross-modal binding): four flashes and four tones at different moments; the question
+  names a tone and asks the colour on screen during it.
+* ``order_long`` (aliasing): clips of ``long_seconds`` (cycled), two flashes far apart (first and
+  last quarter), "which came first"; beyond the period of TMRoPE's slowest temporal channel.
+* ``distractor`` (salient distractors): bright full-frame flashes and loud tones the question does
+  not ask about, and one small dim square; "colour of the small square".
+* ``quota`` (modality quota): all the evidence in one modality (one tone, or one flash) while the
+  other modality has an event every second.
+
+At ``resolution=280`` a second of clip is 100 video and 25 audio tokens (video 80% of the A/V tokens,
+as in real clips at Qwen2.5-Omni's default frame sizes).
+
 By default the options keep one canonical order per question type (``shuffle_options=False``): the
 tiny model then only has to map what it perceived to a letter, which it learns in minutes; with
 ``shuffle_options=True`` it must also read the options.
@@ -49,6 +67,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 PITCHES: dict[str, float] = {"low": 250.0, "middle": 700.0, "high": 1800.0, "very high": 4500.0}
 SYNC_OPTIONS = ("together", "sound first", "flash first", "no sound")
 QUESTION_TYPES = ("av_saliency", "temporal_order", "sound_only", "picture_only", "sync")
+#: the mechanism probes (module docstring); each clip of these has its own length (``row["seconds"]``).
+PROBE_TYPES = ("query", "binding", "order_long", "distractor", "quota")
+#: the toy recipes' question mix: every probe and every original type.
+TOY_PROBE_MIX = (*PROBE_TYPES, *QUESTION_TYPES)
+#: brightness of the ``distractor`` probe's small square (the flashes are at full brightness).
+DIM_LEVEL = 0.45
 #: question type -> its four answers, in the canonical option order (A, B, C, D).
 ANSWER_POOLS: dict[str, tuple[str, ...]] = {
     "av_saliency": tuple(COLOURS),
@@ -56,6 +80,11 @@ ANSWER_POOLS: dict[str, tuple[str, ...]] = {
     "sound_only": tuple(PITCHES),
     "picture_only": tuple(COLOURS),
     "sync": SYNC_OPTIONS,
+    "query": tuple(PITCHES),
+    "binding": tuple(COLOURS),
+    "order_long": tuple(COLOURS),
+    "distractor": tuple(COLOURS),
+    "quota": tuple(COLOURS),  # the flash variant; the tone variant answers from PITCHES
 }
 SPLITS = ("train", "val", "test")
 SAMPLE_RATE = 16000
@@ -65,13 +94,21 @@ BENCHMARK_NAME = "synthetic_av"
 
 @dataclass(frozen=True)
 class Event:
-    """A flash (full-frame colour) or a tone, ``duration`` seconds from ``onset``."""
+    """A flash (full-frame colour, or a square), or a tone, ``duration`` seconds from ``onset``.
+
+    A square (``size`` > 0) covers ``size`` x ``size`` cells of 28 pixels (one merged video token
+    each) from cell (``row``, ``col``); ``level`` scales the colour's brightness.
+    """
 
     kind: str  # "flash" | "tone"
     onset: float
     duration: float
     colour: str | None = None
     pitch: str | None = None
+    size: int = 0
+    row: int = 0
+    col: int = 0
+    level: float = 1.0
 
 
 def write_av_clip(
@@ -128,7 +165,15 @@ def render_events(
     for e in events:
         if e.kind == "flash":
             on = (t_frames >= e.onset) & (t_frames < e.onset + e.duration)
-            frames[on] = np.array(COLOURS[e.colour], dtype=np.uint8)
+            rgb = np.round(np.array(COLOURS[e.colour], dtype=np.float64) * e.level).astype(np.uint8)
+            if e.size:
+                cell = size // max(1, size // 28)
+                r0, c0 = e.row * cell, e.col * cell
+                if r0 + e.size * cell > size or c0 + e.size * cell > size:
+                    raise ValueError(f"square at cell ({e.row}, {e.col}) of size {e.size} leaves the {size}px frame")
+                frames[on, r0 : r0 + e.size * cell, c0 : c0 + e.size * cell] = rgb
+            else:
+                frames[on] = rgb
         elif e.kind == "tone":
             start, stop = int(round(e.onset * sample_rate)), int(round((e.onset + e.duration) * sample_rate))
             t = np.arange(stop - start) / sample_rate
@@ -155,6 +200,10 @@ class SyntheticAVBenchmark:
         seed: everything (events, options, letters) is a function of the seed.
         video_fps: encoding frame rate (sampling at 2 fps picks frames from it).
         shuffle_options: shuffle the options per question (harder: the model must read them).
+        question_types: the question types, cycled over each split (default: the five original
+            types, :data:`QUESTION_TYPES`); the probes are in :data:`PROBE_TYPES`.
+        dense_seconds: clip length of the ``query`` probe (an event every second).
+        long_seconds: clip lengths of the ``order_long`` probe, cycled (each >= 8).
     """
 
     def __init__(
@@ -169,7 +218,24 @@ class SyntheticAVBenchmark:
         seed: int = 0,
         video_fps: float = 4.0,
         shuffle_options: bool = False,
+        question_types: list[str] | None = None,
+        dense_seconds: int = 12,
+        long_seconds: list[int] | None = None,
     ) -> None:
+        types = tuple(question_types) if question_types is not None else QUESTION_TYPES
+        unknown = [t for t in types if t not in ANSWER_POOLS]
+        if not types or unknown:
+            raise ValueError(
+                f"question_types must name at least one of {sorted(ANSWER_POOLS)}, got unknown {unknown or 'none'}"
+            )
+        long_seconds = list(long_seconds) if long_seconds is not None else [8, 16, 24, 32]
+        if not long_seconds or min(long_seconds) < 8:
+            raise ValueError(f"long_seconds must be clip lengths >= 8 (two far-apart quarters), got {long_seconds}")
+        if dense_seconds < 4:
+            raise ValueError(f"dense_seconds must be >= 4 (one event per second, several seconds), got {dense_seconds}")
+        probes = [t for t in types if t in PROBE_TYPES]
+        if probes and seconds < 4:
+            raise ValueError(f"the probes {probes} need seconds >= 4 (four events in distinct seconds), got {seconds}")
         if seconds < 2:
             raise ValueError(f"seconds must be >= 2 (one-second event slots), got {seconds}")
         if not 2 <= events <= min(4, seconds):
@@ -194,6 +260,23 @@ class SyntheticAVBenchmark:
             "seed": int(seed),
             "version": 1,
         }
+        if types != QUESTION_TYPES:  # (knobs of the original benchmark keep their directory)
+            self.knobs.update(question_types=list(types), dense_seconds=int(dense_seconds),
+                              long_seconds=[int(x) for x in long_seconds], version=2)
+
+    @property
+    def question_types(self) -> tuple[str, ...]:
+        return tuple(self.knobs.get("question_types", QUESTION_TYPES))
+
+    @property
+    def max_seconds(self) -> int:
+        """The longest clip of the benchmark (for the audio window)."""
+        lengths = [self.knobs["seconds"]]
+        if "query" in self.question_types:
+            lengths.append(self.knobs["dense_seconds"])
+        if "order_long" in self.question_types:
+            lengths += self.knobs["long_seconds"]
+        return max(lengths)
 
     @property
     def directory(self) -> Path:
@@ -222,7 +305,7 @@ class SyntheticAVBenchmark:
                     for row in rows:
                         events = [Event(**e) for e in row["events"]]
                         frames, audio = render_events(
-                            events, self.knobs["seconds"], self.knobs["video_fps"], self.knobs["resolution"]
+                            events, row["seconds"], self.knobs["video_fps"], self.knobs["resolution"]
                         )
                         write_av_clip(tmp / row["video"], frames, self.knobs["video_fps"], audio)
                         f.write(json.dumps(row) + "\n")
@@ -241,16 +324,22 @@ class SyntheticAVBenchmark:
         letters = np.array([LETTERS[i % 4] for i in range(n)])
         rng.shuffle(letters)
         rows = []
+        types = self.question_types
         for i in range(n):
-            qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+            qtype = types[i % len(types)]
             letter = str(letters[i])
-            pool = list(ANSWER_POOLS[qtype])
+            seconds = self._clip_seconds(qtype, i // len(types))
+            variant = "tone" if qtype == "quota" and rng.random() < 0.5 else None
+            pool = list(PITCHES if variant == "tone" else ANSWER_POOLS[qtype])
             if self.knobs["shuffle_options"]:
                 correct = pool[int(rng.integers(len(pool)))]
                 options = self._place(correct, pool, letter, rng)
             else:  # canonical option order: the answer letter fixes the answer value
                 correct, options = pool[LETTERS.index(letter)], pool
-            events, question = self._make_question(qtype, correct, rng)
+            if qtype in PROBE_TYPES:
+                events, question = self._make_probe(qtype, correct, seconds, rng, variant)
+            else:
+                events, question = self._make_question(qtype, correct, rng)
             qid = f"{split}-{i:05d}"
             rows.append(
                 {
@@ -261,7 +350,7 @@ class SyntheticAVBenchmark:
                     "question": question,
                     "options": options,
                     "answer": letter,
-                    "seconds": self.knobs["seconds"],
+                    "seconds": seconds,
                     "events": [asdict(e) for e in events],
                 }
             )
@@ -329,6 +418,76 @@ class SyntheticAVBenchmark:
                 raise ValueError(f"unknown sync answer {correct!r}")
             return events, "Flash and sound in sync?"
         raise ValueError(f"unknown question type {qtype!r}")
+
+    def _clip_seconds(self, qtype: str, k: int) -> int:
+        """Length of the ``k``-th clip of a question type."""
+        if qtype == "query":
+            return int(self.knobs["dense_seconds"])
+        if qtype == "order_long":
+            lengths = self.knobs["long_seconds"]
+            return int(lengths[k % len(lengths)])
+        return int(self.knobs["seconds"])
+
+    def _make_probe(
+        self, qtype: str, correct: str, seconds: int, rng: np.random.Generator, variant: str | None
+    ) -> tuple[list[Event], str]:
+        """Events and question of a mechanism probe (module docstring) whose answer is ``correct``."""
+        colours, pitches = list(COLOURS), list(PITCHES)
+
+        def flash(slot: int, colour: str, **kw: Any) -> Event:
+            return Event("flash", float(slot), 1.0, colour=colour, **kw)
+
+        def tone(slot: int, pitch: str) -> Event:
+            return Event("tone", float(slot), 1.0, pitch=pitch)
+
+        def choice(items: list[str], without: str | None = None) -> str:
+            items = [x for x in items if x != without]
+            return items[int(rng.integers(len(items)))]
+
+        if qtype == "query":  # a flash and a tone in every second; the named colour shows once
+            named = choice(colours)
+            target = int(rng.integers(seconds))
+            cs = [named if s == target else choice(colours, without=named) for s in range(seconds)]
+            ps = [correct if s == target else choice(pitches) for s in range(seconds)]
+            events = [e for s in range(seconds) for e in (flash(s, cs[s]), tone(s, ps[s]))]
+            return events, f"Tone during the {named} flash?"
+        if qtype == "binding":  # 4 flashes, 4 tones; the named tone coincides with the answer's flash
+            flash_slots = sorted(rng.choice(seconds, size=4, replace=False).tolist())
+            cs = [correct] + [colours[j] for j in rng.permutation([c for c in range(4) if colours[c] != correct])]
+            order = rng.permutation(4)
+            cs = [cs[j] for j in order]
+            target_slot = flash_slots[int(np.flatnonzero(order == 0)[0])]
+            ps = [pitches[j] for j in rng.permutation(4)]
+            others = [s for s in range(seconds) if s != target_slot]
+            tone_slots = [target_slot] + rng.choice(others, size=3, replace=False).tolist()
+            events = [flash(s, c) for s, c in zip(flash_slots, cs, strict=True)]
+            events += [tone(int(s), p) for s, p in zip(tone_slots, ps, strict=True)]
+            return events, f"Colour during the {ps[0]} tone?"
+        if qtype == "order_long":  # two flashes, first and last quarter of a long clip
+            quarter = seconds // 4
+            first = int(rng.integers(quarter))
+            last = seconds - 1 - int(rng.integers(quarter))
+            other = choice(colours, without=correct)
+            events = [flash(first, correct), flash(last, other)]
+            named = [correct, other] if rng.random() < 0.5 else [other, correct]
+            return events, f"Which came first, {named[0]} or {named[1]}?"
+        if qtype == "distractor":  # bright flashes + loud tones around one small dim square
+            slots = rng.choice(seconds, size=4, replace=False).tolist()
+            cells = self.knobs["resolution"] // 28
+            size = max(1, cells // 5)
+            r, c = (int(x) for x in rng.integers(cells - size + 1, size=2))
+            events = [flash(slots[0], correct, size=size, row=r, col=c, level=DIM_LEVEL)]
+            events += [flash(s, choice(colours)) for s in slots[1:]]
+            events += [tone(int(s), choice(pitches)) for s in rng.choice(seconds, size=2, replace=False)]
+            return events, "Colour of the small square?"
+        if qtype == "quota":  # the evidence in one modality, the other one busy every second
+            slot = int(rng.integers(seconds))
+            if variant == "tone":
+                events = [tone(slot, correct)] + [flash(s, choice(colours)) for s in range(seconds)]
+                return events, "Which tone was heard?"
+            events = [flash(slot, correct)] + [tone(s, choice(pitches)) for s in range(seconds)]
+            return events, "Which colour was shown?"
+        raise ValueError(f"unknown probe {qtype!r}")
 
     # ------------------------------------------------------------------ reading
     def rows(self, split: str) -> list[dict[str, Any]]:
