@@ -177,3 +177,22 @@ def test_benchmark_source_skips_are_counted(tmp_path):
     )
     with pytest.raises(ValueError, match=r"videomme\.json row 3"):
         strict.setup("test")
+
+
+def test_cached_sample_is_compressed_and_loads_exactly(synth_dm, tmp_path):
+    """The cache stores a sample losslessly (bit-equal to a fresh encode) and much smaller than torch.save."""
+    import io
+
+    from ep_kit.data.processor import load_sample, save_sample
+
+    fresh = synth_dm.test_dataloader().dataset[0]
+    path = tmp_path / "s.pt"
+    save_sample(fresh, path)
+    raw = io.BytesIO()
+    torch.save(fresh, raw)
+    assert path.stat().st_size * 5 < raw.getbuffer().nbytes  # solid-colour frames compress well
+    back = load_sample(path)
+    tensors = {k for k, v in fresh.items() if isinstance(v, torch.Tensor)}
+    assert tensors and tensors == {k for k, v in back.items() if isinstance(v, torch.Tensor)}
+    for k in tensors:
+        assert back[k].dtype == fresh[k].dtype and torch.equal(back[k], fresh[k]), k
