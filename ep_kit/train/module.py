@@ -40,7 +40,13 @@ from ep_kit.models.omni import OmniThinker
 from ep_kit.reducers.base import TokenReducer
 from ep_kit.rope import MultiAxisRoPE
 from ep_kit.sequence import TokenSequence
-from ep_kit.train.metrics import BudgetShare, MultipleChoiceAccuracy, option_letter
+from ep_kit.train.metrics import (
+    BudgetShare,
+    MultipleChoiceAccuracy,
+    QuestionOutcome,
+    QuestionOutcomes,
+    option_letter,
+)
 from ep_kit.train.schedules import LRScheduleCallable, WarmupCosine
 from ep_kit.train.sources import ThinkerSource, write_base_marker
 
@@ -212,6 +218,10 @@ class EPKitModule(LightningModule):
         self.print_metrics = print_metrics
         self.accuracy = torch.nn.ModuleDict({s: MultipleChoiceAccuracy() for s in STAGES})
         self.budget = torch.nn.ModuleDict({s: BudgetShare() for s in STAGES})
+        # Per-question records of the test stage (statistics over questions; never logged), and the
+        # records of the last test epoch (:attr:`test_outcomes`).
+        self.outcomes = QuestionOutcomes()
+        self.test_outcomes: list[QuestionOutcome] = []
         if init_from is not None:
             self.load_weights(init_from)
 
@@ -433,6 +443,10 @@ class EPKitModule(LightningModule):
             res["predicted"], res["target"], res["benchmark"], res["category"], res["question_id"], res["num_options"]
         )
         self.budget[stage].update(res["stats"])
+        if stage == "test":
+            self.outcomes.update(
+                res["predicted"], res["target"], res["benchmark"], res["category"], res["question_id"], res["stats"]
+            )
 
     # An evaluation suite gives one loader per benchmark (each with its own audio setting); the
     # metrics already key every record by benchmark, so the loader index is not needed.
@@ -480,6 +494,8 @@ class EPKitModule(LightningModule):
         self._report("val", self._log_epoch("val"))
 
     def on_test_epoch_end(self) -> None:
+        self.test_outcomes = self.outcomes.outcomes() if self.outcomes.update_count else []
+        self.outcomes.reset()
         values = self._log_epoch("test")
         self._report("test", values)
         self._write_metrics(values)
