@@ -7,16 +7,31 @@
 
 Every row is a recipe (one component swapped per row): the full method is ``cs2_ste_20.yaml`` and each
 ablation row an overlay on it, run as ``--config cs2_ste_20.yaml --config <row>.yaml``
-(:func:`ep_kit.recipes.config_args`). Toy scale: ``recipes/toy/``, trained from the
-toy base shipped with the kit (``ep_kit/assets/toy_base``) and tested on the synthetic benchmark's
-test split, for each seed, in this process (``ep_kit.cli.fit_then_test``). Real scale: ``recipes/<row>.yaml`` on its base is fitted (``ep-kit fit`` with the
+(:func:`ep_kit.recipes.config_args`).
+
+Toy scale: ``recipes/toy/``, trained from the toy base shipped with the kit (``ep_kit/assets/toy_base``)
+and tested on the synthetic benchmark's test split, for each seed, in this process
+(:func:`ep_kit.cli.fit_then_test_run`, which also gives each question's outcome). The probes' hypotheses
+(:data:`ep_kit.probes.PROBES`) are written to ``<out>/ablation_toy[_quick].md`` before any row trains;
+at the end the file is rewritten with the results (:mod:`ep_kit.stats`): each row's accuracy with a 95%
+hierarchical-bootstrap interval (seeds, then questions), its paired difference with the full row on the
+same questions, accuracy and difference per probe, a verdict for each of the paper's pairwise
+orderings (reproduced / refuted / unresolved) with the probe that carries it, and a verdict for each
+probe's hypothesis. Beside it: ``.csv`` (one line per row, every number), ``_questions.csv`` (row, seed,
+question, category, clip seconds, correct: everything recomputes from it), ``.png`` (bars with the
+intervals) and ``_aliasing.png`` (``order_long`` accuracy against clip length for Sync-RoPE and TMRoPE,
+beside the phase of each toy layout's slowest temporal pair). ``--quick`` adds :data:`QUICK_TOY_ARGS`
+(less data, a short training) and ``--override ARG`` (repeatable) one more ``ep-kit`` argument for
+every row, after those.
+
+Real scale: ``recipes/<row>.yaml`` on its base is fitted (``ep-kit fit`` with the
 training path overlay and trainer file), then its last checkpoint is tested on every benchmark
 (``recipes/eval_benchmarks.yaml`` with the evaluation path overlay) through
 :class:`ep_kit.runs.RowRunner`: a finished row is never run again, an interrupted fit continues from
-its ``last.ckpt``. Writes ``ablation_<scale>[_quick].md`` (table with the paper's numbers beside it,
-the command, the commit, which of the paper's orderings hold; at real scale each row's commands,
-commit and checkpoint), ``.csv`` and ``.png`` into ``--out`` (default ``runs/tables``: the committed
-results in ``benchmarks/results/`` are only rewritten when you ask for it with ``--out``).
+its ``last.ckpt``. Writes ``ablation_real[_quick].md`` (table with the paper's numbers beside it, the
+command, the commit, which of the paper's orderings hold by the means, each row's commands, commit and
+checkpoint), ``.csv`` and ``.png``. Both scales write into ``--out`` (default ``runs/tables``: the
+committed results in ``benchmarks/results/`` are only rewritten when you ask for it with ``--out``).
 
 The encoders are frozen in every row, so all rows (and seeds) of one table run share one on-disk
 cache of their outputs (:class:`ep_kit.models.feature_cache.EncoderFeatureCache`, per clip, keyed by
@@ -30,6 +45,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -401,7 +417,7 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
         "",
         f"![accuracy per row]({stem}.png)",
         "",
-        "| Row (paper order) | Paper (%) | Toy accuracy (%) [95% CI] | seed std | Diff vs full (points) [95% CI] "
+        "| Row (paper order) | Paper (%) | Toy accuracy (%) [95% CI] | seed std | Row - full (points) [95% CI] "
         "| Realised keep ratio | Audio share of kept |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -438,7 +454,7 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
         lines.append(f"| `{h.probe}` | {names.get(h.row, h.row)} | {_diff(h.diff)} | {h.verdict} |")
     long_probe = next(p for p in PROBES if p.by_length)
     lines += ["", f"## Aliasing: `{long_probe.name}` accuracy against clip length", "",
-              f"![aliasing]({stem}_aliasing.png)", ""]
+              f"![aliasing]({stem}_aliasing.png)", "", *layout_notes(), ""]
     if table.by_length:
         lengths = sorted({L for d in table.by_length.values() for L in d})
         lines += ["| Row | " + " | ".join(f"{L} s" for L in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
@@ -479,14 +495,15 @@ def toy_rope_layouts() -> list[tuple[str, Any]]:
 
 def aliasing_figure(path: Path, table: ToyTable, head_dim: int | None = None, base: float | None = None) -> None:
     """Left: ``order_long`` accuracy against clip length, Sync-RoPE vs TMRoPE rows, with 95% intervals.
-    Right: the temporal rotary similarity of the two toy layouts over the same seconds (:mod:`ep_kit.aliasing`).
+    Right: over the same seconds, the wrapped phase of each toy layout's slowest temporal pair (the
+    aliasing report's ``lowest_temporal``, :mod:`ep_kit.aliasing`): a sawtooth aliases, a ramp does not.
 
     ``head_dim`` / ``base``: the tiny thinker's (default: its config's, 16 and its ``rope_theta``).
     """
     import torch
     from matplotlib.figure import Figure  # drawn without pyplot: plotting never selects a backend
 
-    from ep_kit.aliasing import POSITIONS_PER_SECOND, rotary_similarity
+    from ep_kit.aliasing import POSITIONS_PER_SECOND, aliasing_report
 
     if head_dim is None or base is None:
         config = tiny_text_config()
@@ -511,22 +528,34 @@ def aliasing_figure(path: Path, table: ToyTable, head_dim: int | None = None, ba
              title="Which came first, on long clips (95% CI)")
     left.legend(fontsize=8)
     max_s = max(lengths) if lengths else 32
-    d = torch.linspace(0, max_s * POSITIONS_PER_SECOND, 2000, dtype=torch.float64)
+    d = torch.linspace(0, max_s * POSITIONS_PER_SECOND, 4000, dtype=torch.float64)
     for label, rope in toy_rope_layouts():
-        name = f"{label} {list(rope.sections)}"
-        right.plot(d / POSITIONS_PER_SECOND, rotary_similarity(rope, d, "t", base, head_dim), lw=0.8,
-                   label=f"{name}: all temporal pairs")
-        if 3 in rope.section_axes:
-            right.plot(d / POSITIONS_PER_SECOND, rotary_similarity(rope, d, "t_low", base, head_dim), "--",
-                       label=f"{name}: t_low pairs")
+        low = aliasing_report(rope, base, head_dim, stride=1).lowest_temporal
+        period = 2 * math.pi / low.theta / POSITIONS_PER_SECOND
+        right.plot(d / POSITIONS_PER_SECOND, torch.remainder(d * low.theta, 2 * math.pi) / math.pi, lw=1,
+                   label=f"{label} {list(rope.sections)}: slowest temporal pair {low.pair}, period {period:.3g} s")
     for L in lengths:
         right.axvline(L, color="grey", ls=":", lw=0.6)
-    right.axhline(0, color="grey", lw=0.5)
-    right.set(xlabel=f"temporal distance (s, {POSITIONS_PER_SECOND} positions/s)", ylabel="mean cos(d * theta_j)",
-              title=f"Rotary phase similarity (head_dim {head_dim}, base {base:g})")
+    right.set(xlabel=f"temporal distance (s, {POSITIONS_PER_SECOND} positions/s)",
+              ylabel="phase of the slowest temporal pair (x pi, wrapped)", ylim=(-0.05, 2.3),
+              title=f"Temporal phase, toy layouts (head_dim {head_dim}, base {base:g})")
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def layout_notes() -> list[str]:
+    """One line per toy layout: the period of its slowest temporal pair (beyond it, that pair aliases)."""
+    from ep_kit.aliasing import POSITIONS_PER_SECOND, aliasing_report
+
+    head_dim, base = tiny_text_config()
+    lines = []
+    for label, rope in toy_rope_layouts():
+        low = aliasing_report(rope, base, head_dim, stride=1).lowest_temporal
+        lines.append(f"- {label} {list(rope.sections)} (head_dim {head_dim}, base {base:g}): slowest temporal pair "
+                     f"{low.pair} turns once every {2 * math.pi / low.theta / POSITIONS_PER_SECOND:.3g} s "
+                     f"({POSITIONS_PER_SECOND} positions/s).")
+    return lines
 
 
 def tiny_text_config() -> tuple[int, float]:
@@ -643,8 +672,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=["toy", "real"], default="toy")
-    parser.add_argument("--quick", action="store_true", help="smoke run: toy 1 short epoch per row; "
-                        "real 2 training steps per row")
+    parser.add_argument("--quick", action="store_true", help="smoke run: toy QUICK_TOY_ARGS (less data, 6 training "
+                        "batches per row); real 2 training steps per row")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default: toy 3, quick and real 1)")
     parser.add_argument("--rows", nargs="*", default=None, help="subset of recipe names (default: all, paper order)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tables",

@@ -53,8 +53,9 @@ PROBES: tuple[Probe, ...] = (
     Probe(
         "order_long",
         "aliasing (Sync-RoPE vs TMRoPE) on long clips",
-        "clips of 8, 16, 24 and 32 s (TMRoPE's slowest temporal channel has a 6.4 s period), two flashes "
-        "far apart (first / last quarter); which came first.",
+        "clips of 8, 16, 24 and 32 s, two flashes far apart (first / last quarter); which came first. "
+        "TMRoPE's slowest temporal channel turns every 6.4 s in the 3B model, every 1.4 s in the toy "
+        "layout [2, 3, 3] of head_dim 16 (the report prints both toy layouts' periods).",
         "Full (Sync-RoPE) beats ablation_no_syncrope (TMRoPE), with the gap growing with clip length.",
         ("ablation_no_syncrope",),
         by_length=True,

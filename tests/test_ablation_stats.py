@@ -104,3 +104,89 @@ def test_ablation_quick_toy_report(tmp_path):
     assert diff == pytest.approx(float(table["ablation_causal"]["mean_acc"]) - float(table["cs2_ste_20"]["mean_acc"]))
     for png in ("ablation_toy_quick.png", "ablation_toy_quick_aliasing.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_rows(ab, n_per_probe: int = 48):
+    """Rows of known outcomes: every row right on every question, except where a probe's hypothesis bites.
+
+    The causal row misses every ``query`` question; the TMRoPE row misses ``order_long`` more often the
+    longer the clip (0, 1/4, 1/2, 3/4 of them at 8, 16, 24, 32 s); the others equal the full row.
+    """
+    from ep_kit.train.metrics import QuestionOutcome
+
+    cats = ["query", "binding", "order_long", "distractor", "quota", "av_saliency"]
+    questions, order = {}, []
+    for c in cats:
+        for i in range(n_per_probe):
+            qid = f"{c}-{i}"
+            questions[qid] = {"category": c, "seconds": [8, 16, 24, 32][i % 4] if c == "order_long" else 4}
+            order.append(qid)
+
+    def correct(recipe: str, qid: str) -> int:
+        info, i = questions[qid], int(qid.rsplit("-", 1)[1])
+        if recipe == "ablation_causal" and info["category"] == "query":
+            return 0
+        if recipe == "ablation_no_syncrope" and info["category"] == "order_long":
+            return int((i // 4) % 4 >= [8, 16, 24, 32].index(info["seconds"]))
+        return 1
+
+    rows = []
+    for recipe, name, paper in ab.ROWS:
+        if recipe not in ("ablation_causal", "ablation_no_syncrope", "ablation_gumbel", "cs2_ste_20"):
+            continue
+        row = ab.ToyRow(recipe, name, paper)
+        for seed in range(3):
+            recs = [QuestionOutcome("synthetic_av", q, questions[q]["category"], correct(recipe, q), "A", 1, 2, 10, 40)
+                    for q in order]
+            acc = statistics.fmean(r.correct for r in recs)
+            row.runs.append(ab.SeedRun(seed, {"test/acc": acc, "test/realised_keep_ratio": 0.2,
+                                              "test/audio_share": 0.67}, recs))
+        rows.append(row)
+    return rows, questions
+
+
+def test_toy_report_on_known_outcomes(tmp_path):
+    ab = load_script("ablation")
+    rows, questions = _fake_rows(ab)
+    table = ab.toy_statistics(rows, questions, resamples=500)
+    verdicts = {(h.probe, h.row): h for h in table.hypotheses}
+    assert verdicts[("query", "ablation_causal")].verdict == "supported"
+    assert verdicts[("query", "ablation_causal")].diff.estimate == pytest.approx(1.0)
+    assert verdicts[("order_long", "ablation_no_syncrope")].verdict == "supported"
+    assert verdicts[("binding", "ablation_no_prefusion")].verdict == "not measured (row not run)"
+    assert {L: d.estimate for L, d in table.length_diff.items()} == pytest.approx({8: 0.0, 16: 0.25, 24: 0.5, 32: 0.75})
+    assert table.length_slope.estimate == pytest.approx(0.75 / 24) and table.length_slope.low > 0
+    by_pair = {(o.higher, o.lower): o for o in table.orderings}
+    # paper: full 60.65 > gumbel 59.06 > no_syncrope 57.98 > causal 56.06
+    assert by_pair[("cs2_ste_20", "ablation_causal")].verdict == "reproduced"
+    assert by_pair[("cs2_ste_20", "ablation_causal")].carrier == "query"
+    assert by_pair[("cs2_ste_20", "ablation_gumbel")].verdict == "unresolved"  # identical outcomes
+    assert by_pair[("ablation_no_syncrope", "ablation_causal")].verdict == "reproduced"  # 0.9375 vs 0.833 overall
+    assert by_pair[("ablation_no_syncrope", "ablation_causal")].carrier == "query"
+    assert by_pair[("cs2_ste_20", "ablation_no_syncrope")].carrier == "order_long"
+    md = ab.write_outputs(tmp_path, table, "cmd", 60.0, quick=False)
+    text = md.read_text()
+    assert "| Sync-RoPE - TMRoPE (points) | +0.0 [0.0, 0.0] | +25.0 [" in text
+    assert "grows with length" in text
+    assert "| EchoingPixels (full) > Causal attention | +4.59 | +16.7 [12.5, 21.5] | reproduced | `query` |" in text
+    assert "| `query` | Causal attention | +100.0 [100.0, 100.0] | supported |" in text
+    assert "`order_long` 48" in text and "Video share of the A/V input tokens: 0.200" in text
+    assert (tmp_path / "ablation_toy_aliasing.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_main_table_toy_has_per_probe_columns_from_the_same_outcomes(tmp_path):
+    mt = load_script("main_table")
+    out = tmp_path / "tables"
+    overrides = [f"--override={a}" for a in toy_args(tmp_path, num_test=10)]
+    assert mt.main(["--scale", "toy", "--methods", "Random", "--ratios", "0.2", "--out", str(out), *overrides]) == 0
+    text = (out / "main_table_toy.md").read_text()
+    assert "## Accuracy per probe (%) [95% CI]" in text
+    main_rows = {r["method"]: r for r in csv.DictReader((out / "main_table_toy.csv").open())}
+    probe_rows = {r["method"]: r for r in csv.DictReader((out / "main_table_toy_probes.csv").open())}
+    assert set(probe_rows) == {"Full", "Random"}
+    cats = [k for k in probe_rows["Full"] if k not in ("method", "budget") and not k.endswith(("_ci_low", "_ci_high"))]
+    assert sorted(cats) == sorted(["av_saliency", "temporal_order", "sound_only", "picture_only", "sync"])
+    for method, row in probe_rows.items():
+        accs = [float(row[c]) for c in cats]  # 2 questions per type: the overall accuracy is their mean
+        assert 100 * sum(accs) / len(accs) == pytest.approx(float(main_rows[method]["overall acc"]), abs=0.05)
+        assert all(float(row[f"{c}_ci_low"]) <= float(row[c]) <= float(row[f"{c}_ci_high"]) for c in cats)
