@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
 from _scripts import load_script
-from _toy import TOY_ROW, toy_args
+from _toy import REPO, TOY_ROW, toy_args
 
 from ep_kit.cli import fit_then_test_run
 from ep_kit.recipes import config_args
@@ -51,6 +54,21 @@ def test_outcomes_are_those_of_predict(toy_result):
     preds = cli.trainer.predict(cli.model, dataloaders=cli.datamodule.test_dataloader())
     answers = {r["question_id"]: (r["answer"], int(r["correct"])) for batch in preds for r in batch}
     assert {o.question_id: (o.predicted, o.correct) for o in toy_result.outcomes} == answers
+
+
+def test_ddp_test_run_writes_every_question_once(tmp_path):
+    """2-process DDP ``ep-kit test``: test_questions.jsonl holds each question once (gathered, de-duplicated),
+    and its mean is the logged accuracy."""
+    args = toy_args(tmp_path, num_test=5)
+    cmd = [sys.executable, "-m", "ep_kit.cli", "test", "--config", str(TOY_ROW), *args,
+           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics_file = next((tmp_path / "runs").rglob("test_metrics.json"))
+    metrics = json.loads(metrics_file.read_text())
+    lines = [json.loads(x) for x in (metrics_file.parent / "test_questions.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 == metrics["test/count"] and len({x["question_id"] for x in lines}) == 5
+    assert statistics.fmean(x["correct"] for x in lines) == pytest.approx(metrics["test/acc"])
 
 
 def test_aliasing_figure_layouts_are_the_toy_models(toy_result):

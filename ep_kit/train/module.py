@@ -26,6 +26,7 @@ import json
 import math
 import tempfile
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ from ep_kit.train.schedules import LRScheduleCallable, WarmupCosine
 from ep_kit.train.sources import ThinkerSource, write_base_marker
 
 STAGES = ("val", "test")
+#: per-question test outcomes, one json object a line, beside ``test_metrics.json``.
+OUTCOMES_FILE = "test_questions.jsonl"
 
 #: ``__init__`` arguments that are components (objects): saved as hyper-parameters only in their
 #: ``class_path`` form, i.e. when the module is built by the CLI.
@@ -501,13 +504,19 @@ class EPKitModule(LightningModule):
         self._write_metrics(values)
 
     def _write_metrics(self, values: Mapping[str, float]) -> None:
-        """``test_metrics.json`` in the run's log directory: every test number, for scripts and tables."""
+        """``test_metrics.json`` in the run's log directory: every test number, for scripts and tables;
+        ``test_questions.jsonl``: one :class:`~ep_kit.train.metrics.QuestionOutcome` per line."""
         log_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero or log_dir is None or self.trainer.sanity_checking:
             return
         path = Path(log_dir) / "test_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(values.items())), indent=2))
+        # Each question's outcome beside them (gathered from every rank): intervals and paired comparisons
+        # of runs need the questions, not only the accuracy (ep_kit.stats).
+        with (path.parent / OUTCOMES_FILE).open("w", encoding="utf-8") as f:
+            for outcome in self.test_outcomes:
+                f.write(json.dumps(asdict(outcome)) + "\n")
 
     # ---------------------------------------------------------------- predict
     def predict_step(
