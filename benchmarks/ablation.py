@@ -56,6 +56,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ep_kit.cli import FitTestResult
+    from ep_kit.stats import Interval, Ordering, RowAccuracy
+    from ep_kit.train.metrics import QuestionOutcome
 
 REPO = Path(__file__).resolve().parents[1]
 #: paper order (Table: Daily-Omni, 20% budget) and the paper's accuracies.
@@ -172,7 +174,7 @@ class SeedRun:
 
     seed: int
     metrics: dict[str, float]
-    records: list[Any]  # ep_kit.train.metrics.QuestionOutcome, in evaluation order
+    records: list[QuestionOutcome]  # in evaluation order
 
     @property
     def correct(self) -> dict[str, int]:
@@ -187,11 +189,11 @@ class ToyRow:
     name: str
     paper: float
     runs: list[SeedRun] = field(default_factory=list)
-    matrix: Any = None  # (seeds, questions) 0/1, columns as ToyTable.qids
-    acc: Any = None  # ep_kit.stats.RowAccuracy
-    diff: Any = None  # ep_kit.stats.Interval: this row - full (None for the full row or without it)
-    probe_acc: dict[str, Any] = field(default_factory=dict)
-    probe_diff: dict[str, Any] = field(default_factory=dict)
+    matrix: Any = None  # numpy (seeds, questions) of 0/1, columns as ToyTable.qids
+    acc: RowAccuracy | None = None
+    diff: Interval | None = None  # this row - full (None for the full row, or without it)
+    probe_acc: dict[str, RowAccuracy] = field(default_factory=dict)
+    probe_diff: dict[str, Interval] = field(default_factory=dict)  # row - full per probe
 
     def metric(self, key: str) -> float:
         vals = [r.metrics[key] for r in self.runs if key in r.metrics]
@@ -208,7 +210,7 @@ class Hypothesis:
 
     probe: str
     row: str
-    diff: Any  # ep_kit.stats.Interval of full - row on the probe, or None when not measured
+    diff: Interval | None  # full - row on the probe's questions; None when not measured
     verdict: str  # supported / contradicted / unresolved / not measured (why)
 
 
@@ -220,11 +222,11 @@ class ToyTable:
     qids: list[str]
     categories: list[str]
     seconds: list[float | None]
-    orderings: list[Any]  # ep_kit.stats.Ordering
+    orderings: list[Ordering]
     hypotheses: list[Hypothesis]
-    by_length: dict[str, dict[int, Any]]  # recipe -> clip seconds -> RowAccuracy on order_long
-    length_diff: dict[int, Any]  # clip seconds -> Interval of full - no_syncrope on order_long
-    length_slope: Any  # Interval of that difference's slope per second, or None
+    by_length: dict[str, dict[int, RowAccuracy]]  # recipe -> clip seconds -> accuracy on order_long
+    length_diff: dict[int, Interval]  # clip seconds -> full - no_syncrope on order_long
+    length_slope: Interval | None  # that difference's slope per second (None: one length only)
 
     @property
     def probes(self) -> list[str]:
@@ -252,7 +254,7 @@ def toy_statistics(rows: list[ToyRow], questions: dict[str, dict[str, Any]], res
     import numpy as np
 
     from ep_kit.probes import FULL, PROBES
-    from ep_kit.stats import align, orderings, paired_difference, paired_slope, row_accuracy
+    from ep_kit.stats import align, orderings, paired_difference, paired_slope, row_accuracy, verdict
 
     qids = list(rows[0].runs[0].correct)
     for r in rows:
@@ -282,9 +284,9 @@ def toy_statistics(rows: list[ToyRow], questions: dict[str, dict[str, Any]], res
             else:
                 d = paired_difference(full.matrix[:, cat_arr == p.name],
                                       next(r for r in rows if r.recipe == target).matrix[:, cat_arr == p.name], resamples)
-                hyps.append(Hypothesis(p.name, target, d, SUPPORT[verdict_of(d)]))
-    by_length: dict[str, dict[int, Any]] = {}
-    length_diff: dict[int, Any] = {}
+                hyps.append(Hypothesis(p.name, target, d, SUPPORT[verdict(d)]))
+    by_length: dict[str, dict[int, RowAccuracy]] = {}
+    length_diff: dict[int, Interval] = {}
     slope = None
     long_cols = np.flatnonzero((cat_arr == "order_long") & np.array([s is not None for s in secs]))
     if long_cols.size:
@@ -301,12 +303,6 @@ def toy_statistics(rows: list[ToyRow], questions: dict[str, dict[str, Any]], res
                 length_diff[int(L)] = paired_difference(sync.matrix[:, cols], tm.matrix[:, cols], resamples)
             slope = paired_slope(sync.matrix[:, long_cols], tm.matrix[:, long_cols], lengths, resamples)
     return ToyTable(rows, qids, cats, secs, order, hyps, by_length, length_diff, slope)
-
-
-def verdict_of(diff: Any) -> str:
-    from ep_kit.stats import verdict
-
-    return verdict(diff)
 
 
 def question_info(result: FitTestResult) -> dict[str, dict[str, Any]]:
@@ -345,11 +341,11 @@ def write_hypotheses_first(out_dir: Path, command: str, quick: bool) -> Path:
     return md
 
 
-def _ci(r: Any) -> str:
+def _ci(r: Interval | None) -> str:
     return "n/a" if r is None else r.pct()
 
 
-def _diff(d: Any) -> str:
+def _diff(d: Interval | None) -> str:
     return "-" if d is None else d.pct(signed=True)
 
 
