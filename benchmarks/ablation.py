@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import math
 import statistics
 import sys
@@ -428,21 +429,7 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
                   "| Row | " + " | ".join(f"`{c}`" for c in probes) + " |", "| --- |" + " ---: |" * len(probes)]
         lines += [f"| {r.name} | " + " | ".join(_diff(r.probe_diff.get(c)) for c in probes) + " |"
                   for r in table.rows if r.recipe != FULL]
-    tally = {v: sum(o.verdict == v for o in table.orderings) for v in ("reproduced", "refuted", "unresolved")}
-    lines += [
-        "", "## The paper's orderings", "",
-        f"{len(table.orderings)} pairwise orderings among the rows run: {tally['reproduced']} reproduced (interval of "
-        f"higher - lower above 0), {tally['refuted']} refuted (below 0), {tally['unresolved']} unresolved (contains 0). "
-        "Carrying probe: the probe with the largest difference in the decisive direction whose own interval excludes 0.",
-        "",
-        "| Paper ordering | Paper diff (points) | Toy diff (points) [95% CI] | Verdict | Carrying probe |",
-        "| --- | ---: | ---: | --- | --- |",
-    ]
-    paper = {k: p for k, _, p in ROWS}
-    for o in table.orderings:
-        carrier = "-" if o.verdict == "unresolved" else (f"`{o.carrier}`" if o.carrier else "none alone")
-        lines.append(f"| {names[o.higher]} > {names[o.lower]} | {paper[o.higher] - paper[o.lower]:+.2f} | "
-                     f"{o.diff.pct(signed=True)} | {o.verdict} | {carrier} |")
+    lines += ["", *ordering_lines(table, "Toy", "probe")]
     lines += ["", "## Hypotheses: verdicts", "",
               "Full - row on the probe's questions (points) [95% CI]; supported: above 0, contradicted: below 0.", "",
               "| Probe | Full beats | Full - row (points) [95% CI] | Verdict |", "| --- | --- | ---: | --- |"]
@@ -479,6 +466,28 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
     ], title="Toy (synthetic benchmark), mean over seeds, 95% CI")
     aliasing_figure(out_dir / f"{stem}_aliasing.png", table)
     return md
+
+
+def ordering_lines(table: ToyTable, scale: str, group: str) -> list[str]:
+    """The paper's orderings section: tally, then one line per pair (verdict and the ``group`` carrying it)."""
+    names = {k: n for k, n, _ in ROWS}
+    paper = {k: p for k, _, p in ROWS}
+    tally = {v: sum(o.verdict == v for o in table.orderings) for v in ("reproduced", "refuted", "unresolved")}
+    lines = [
+        "## The paper's orderings", "",
+        f"{len(table.orderings)} pairwise orderings among the rows run: {tally['reproduced']} reproduced (interval of "
+        f"higher - lower above 0), {tally['refuted']} refuted (below 0), {tally['unresolved']} unresolved (contains 0). "
+        f"Carrying {group}: the {group} with the largest difference in the decisive direction whose own interval "
+        "excludes 0.",
+        "",
+        f"| Paper ordering | Paper diff (points) | {scale} diff (points) [95% CI] | Verdict | Carrying {group} |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
+    for o in table.orderings:
+        carrier = "-" if o.verdict == "unresolved" else (f"`{o.carrier}`" if o.carrier else "none alone")
+        lines.append(f"| {names[o.higher]} > {names[o.lower]} | {paper[o.higher] - paper[o.lower]:+.2f} | "
+                     f"{o.diff.pct(signed=True)} | {o.verdict} | {carrier} |")
+    return lines
 
 
 def toy_rope_layouts() -> list[tuple[str, Any]]:
@@ -584,13 +593,42 @@ def real_rows(rows: list[tuple[str, str, float]], seeds: int, scale: Any) -> lis
             return statistics.fmean(r.metrics.get(key, float("nan")) for r in runs)
 
         accs = [r.metrics.get("test/acc/daily_omni", float("nan")) for r in results]
+        outcomes = [read_outcomes(scale.runner.row_dir(f"{recipe}-seed{seed}")) for seed in range(seeds)]
         table.append({
+            "outcomes": outcomes,
             "recipe": recipe, "name": name, "paper": paper, "accs": accs, "mean": statistics.fmean(accs),
             "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "keep": mean("test/realised_keep_ratio"),
             "audio": mean("test/audio_share"), "av": mean("test/acc_group/audio_visual"),
             "video": mean("test/acc_group/video_only"), "overall": mean("test/acc"), "runs": results,
         })
     return table
+
+
+def read_outcomes(row_dir: Path) -> list[QuestionOutcome] | None:
+    """A real-scale row's per-question outcomes (its ``ep-kit test`` run's ``test_questions.jsonl``), or None."""
+    from ep_kit.train.metrics import QuestionOutcome
+    from ep_kit.train.module import OUTCOMES_FILE
+
+    path = row_dir / "test" / "version_0" / OUTCOMES_FILE
+    if not path.is_file():
+        return None
+    return [QuestionOutcome(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def real_statistics(table: list[dict], benchmark: str = "daily_omni") -> ToyTable | None:
+    """The toy table's statistics on one benchmark's questions of the real rows (categories as groups);
+    None when a run has no outcomes file or no question of ``benchmark``."""
+    rows, questions = [], {}
+    for r in table:
+        runs = []
+        for seed, (run, outs) in enumerate(zip(r["runs"], r["outcomes"], strict=True)):
+            mine = [o for o in outs or [] if o.benchmark == benchmark]
+            if not mine:
+                return None
+            runs.append(SeedRun(seed, run.metrics, mine))
+            questions.update({o.question_id: {"category": o.category, "seconds": None} for o in mine})
+        rows.append(ToyRow(r["recipe"], r["name"], r["paper"], runs))
+    return toy_statistics(rows, questions) if rows else None
 
 
 def write_real_outputs(out_dir: Path, table: list[dict], command: str, elapsed: float, quick: bool, source: str) -> Path:
@@ -622,7 +660,21 @@ def write_real_outputs(out_dir: Path, table: list[dict], command: str, elapsed: 
     for r in table:
         lines.append(f"| {r['name']} | {r['paper']:.2f} | {100 * r['mean']:.1f} +- {100 * r['std']:.1f} | "
                      f"{100 * r['av']:.1f} | {100 * r['video']:.1f} | {r['keep']:.3f} | {r['audio']:.3f} |")
-    lines += ["", "## Orderings", "", *ordering_notes({r["recipe"]: r["mean"] for r in table}, "real"), "", "## Runs", ""]
+    lines += ["", "## Orderings", "", *ordering_notes({r["recipe"]: r["mean"] for r in table}, "real"), ""]
+    stats = real_statistics(table)
+    if stats is not None:
+        lines += [
+            "## Daily-Omni with intervals", "",
+            f"{len(stats.qids)} Daily-Omni questions, the same for every row; 95% hierarchical bootstrap (seeds, then "
+            "questions; 2000 resamples), differences paired on the same questions.", "",
+            "| Row (paper order) | Daily-Omni (%) [95% CI] | Row - full (points) [95% CI] |", "| --- | ---: | ---: |",
+            *[f"| {r.name} | {r.acc.interval.pct()} | {_diff(r.diff)} |" for r in stats.rows],
+            "", *ordering_lines(stats, "Daily-Omni", "category"), "",
+        ]
+    else:
+        lines += ["Daily-Omni intervals: not computed (a row's `test_questions.jsonl` is missing: it ran before "
+                  "`ep-kit test` wrote one).", ""]
+    lines += ["## Runs", ""]
     for r in table:
         for seed, run in enumerate(r["runs"]):
             lines.append(f"- **{r['name']}** (seed {seed}, commit `{run.commit}`, {run.seconds / 60:.1f} min, "
