@@ -437,7 +437,8 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
         lines.append(f"| `{h.probe}` | {names.get(h.row, h.row)} | {_diff(h.diff)} | {h.verdict} |")
     long_probe = next(p for p in PROBES if p.by_length)
     lines += ["", f"## Aliasing: `{long_probe.name}` accuracy against clip length", "",
-              f"![aliasing]({stem}_aliasing.png)", "", *layout_notes(), ""]
+              f"![aliasing]({stem}_aliasing.png)", "",
+              *layout_notes(max((s_ for s_ in table.seconds if s_ is not None), default=32)), ""]
     if table.by_length:
         lengths = sorted({L for d in table.by_length.values() for L in d})
         lines += ["| Row | " + " | ".join(f"{L} s" for L in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
@@ -549,8 +550,9 @@ def aliasing_figure(path: Path, table: ToyTable, head_dim: int | None = None, ba
     fig.savefig(path, dpi=120)
 
 
-def layout_notes() -> list[str]:
-    """One line per toy layout: the period of its slowest temporal pair (beyond it, that pair aliases)."""
+def layout_notes(seconds: float = 32.0) -> list[str]:
+    """One line per toy layout: the period of its slowest temporal pair (beyond it, that pair aliases) and
+    how far its phase moves over ``seconds`` (a pair that barely turns carries little order either)."""
     from ep_kit.aliasing import POSITIONS_PER_SECOND, aliasing_report
 
     head_dim, base = tiny_text_config()
@@ -559,7 +561,8 @@ def layout_notes() -> list[str]:
         low = aliasing_report(rope, base, head_dim, stride=1).lowest_temporal
         lines.append(f"- {label} {list(rope.sections)} (head_dim {head_dim}, base {base:g}): slowest temporal pair "
                      f"{low.pair} turns once every {2 * math.pi / low.theta / POSITIONS_PER_SECOND:.3g} s "
-                     f"({POSITIONS_PER_SECOND} positions/s).")
+                     f"({POSITIONS_PER_SECOND} positions/s); over {seconds:g} s its phase moves "
+                     f"{seconds * POSITIONS_PER_SECOND * low.theta:.3g} rad.")
     return lines
 
 
