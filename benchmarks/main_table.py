@@ -22,6 +22,10 @@ Columns, per method and budget (20/10/5%):
   and what FastV spends before its drop layer. Equal to ``realised`` for methods that reduce
   before the LLM.
 
+Toy scale also tabulates each cell's accuracy per probe (question type), with a 95% bootstrap interval
+over the questions, from the same per-question outcomes as the ablation table
+(:data:`ep_kit.probes.PROBES`; ``main_table_toy_probes.csv``).
+
 Usage (from the repository root)::
 
     python benchmarks/main_table.py --scale toy
@@ -146,6 +150,7 @@ class Cell:
     ratio: float
     metrics: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    outcomes: list[Any] = field(default_factory=list)  # per-question (ep_kit.train.metrics.QuestionOutcome)
 
     def group_avg(self, groups: Sequence[str]) -> float:
         vals = [self.metrics[f"test/acc/{g}"] for g in groups if f"test/acc/{g}" in self.metrics]
@@ -167,20 +172,29 @@ def _in_process(call: Callable[[list[str]], Any], args: list[str], overrides: Se
         return call(args)
 
 
-def evaluate(configs: Sequence[Path], overrides: Sequence[str]) -> dict[str, float]:
-    """Run ``ep-kit test`` in process and return the logged test metrics."""
+def evaluate_run(configs: Sequence[Path], overrides: Sequence[str]) -> tuple[dict[str, float], list[Any]]:
+    """Run ``ep-kit test`` in process: the logged test metrics and each question's outcome."""
     from ep_kit.cli import run
 
     args = ["test"]
     for c in configs:
         args += ["--config", str(c)]
     cli = _in_process(run, args, overrides, "cell-")
-    return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+    return metrics, list(cli.model.test_outcomes)
 
 
-def train_and_test(configs: Sequence[Path], seed: int, overrides: Sequence[str]) -> dict[str, float]:
-    """Fit a trainable row's recipe (toy scale; its config files, base first) and test the fitted weights."""
-    from ep_kit.cli import fit_then_test
+def evaluate(configs: Sequence[Path], overrides: Sequence[str]) -> dict[str, float]:
+    """Run ``ep-kit test`` in process and return the logged test metrics."""
+    return evaluate_run(configs, overrides)[0]
+
+
+def train_and_test_run(
+    configs: Sequence[Path], seed: int, overrides: Sequence[str]
+) -> tuple[dict[str, float], list[Any]]:
+    """Fit a trainable row's recipe (toy scale; its config files, base first) and test the fitted weights:
+    the test metrics and each question's outcome."""
+    from ep_kit.cli import fit_then_test_run
 
     args = [
         *(a for c in configs for a in ("--config", str(c))),
@@ -189,8 +203,53 @@ def train_and_test(configs: Sequence[Path], seed: int, overrides: Sequence[str])
         "--trainer.enable_progress_bar=false",
         "--model.print_metrics=false",
     ]
-    metrics = _in_process(fit_then_test, args, overrides, "fit-")
-    return {k: v for k, v in metrics.items() if k.startswith("test/")}
+    result = _in_process(fit_then_test_run, args, overrides, "fit-")
+    return {k: v for k, v in result.metrics.items() if k.startswith("test/")}, result.outcomes
+
+
+def train_and_test(configs: Sequence[Path], seed: int, overrides: Sequence[str]) -> dict[str, float]:
+    """Fit a trainable row's recipe (toy scale; its config files, base first) and test the fitted weights."""
+    return train_and_test_run(configs, seed, overrides)[0]
+
+
+def probe_table(cells: Sequence[Cell]) -> tuple[list[str], list[dict[str, str]]]:
+    """Accuracy per probe (question type) of every cell with per-question outcomes, with 95% intervals.
+
+    The same probes as the ablation table (:data:`ep_kit.probes.PROBES`, in that order), from the same
+    per-question outcomes (one run per cell: the bootstrap resamples questions). Returns the md lines
+    and one csv row per cell.
+    """
+    import numpy as np
+
+    from ep_kit.probes import PROBES
+    from ep_kit.stats import row_accuracy
+
+    done = [c for c in cells if c.outcomes]
+    if not done:
+        return [], []
+    present = {o.category for c in done for o in c.outcomes}
+    probes = [p.name for p in PROBES if p.name in present] + sorted(present - {p.name for p in PROBES})
+    lines = ["## Accuracy per probe (%) [95% CI]", "",
+             "Each probe's questions (the ablation table's probes; `benchmarks/ablation.py` states their hypotheses).",
+             "", "| method | budget | " + " | ".join(f"`{p}`" for p in probes) + " |",
+             "|---|---|" + "---|" * len(probes)]
+    rows = []
+    for c in done:
+        budget = "100%" if c.method == "Full" else f"{_pct(c.ratio)}%"
+        row = {"method": c.method, "budget": budget}
+        cells_md = []
+        for p in probes:
+            correct = np.array([o.correct for o in c.outcomes if o.category == p], dtype=float)
+            if correct.size == 0:
+                row.update({p: "", f"{p}_ci_low": "", f"{p}_ci_high": ""})
+                cells_md.append("n/a")
+                continue
+            acc = row_accuracy(correct).interval
+            row.update({p: f"{acc.estimate:.4f}", f"{p}_ci_low": f"{acc.low:.4f}", f"{p}_ci_high": f"{acc.high:.4f}"})
+            cells_md.append(acc.pct())
+        lines.append(f"| {c.method} | {budget} | " + " | ".join(cells_md) + " |")
+        rows.append(row)
+    return lines, rows
 
 
 def _pct(r: float) -> int:
@@ -267,8 +326,15 @@ def table_figure(rows: Sequence[dict[str, str]], title: str) -> Figure:
 
 
 def write_outputs(
-    rows: list[dict[str, str]], out_dir: Path, scale: str, command: str, header: str, commit: str
+    rows: list[dict[str, str]],
+    out_dir: Path,
+    scale: str,
+    command: str,
+    header: str,
+    commit: str,
+    probes: tuple[list[str], list[dict[str, str]]] = ([], []),
 ) -> tuple[Path, Path]:
+    """md, csv and figure of the table; ``probes``: :func:`probe_table`'s md lines and rows (``<stem>_probes.csv``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"main_table_{scale}.csv", out_dir / f"main_table_{scale}.md"
     png_path = out_dir / f"main_table_{scale}.png"
@@ -297,6 +363,13 @@ def write_outputs(
             notes.append(f"- {r['method']} {r['budget']}: {r['note']}")
     if notes:
         lines += ["", "Notes:", *notes]
+    probe_lines, probe_rows = probes
+    if probe_rows:
+        lines += ["", *probe_lines]
+        with (out_dir / f"main_table_{scale}_probes.csv").open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(probe_rows[0]))
+            w.writeheader()
+            w.writerows(probe_rows)
     md_path.write_text("\n".join(lines) + "\n")
     table_figure(rows, f"Main table ({scale} scale), commit {commit}").savefig(png_path, dpi=120)
     return md_path, csv_path
@@ -507,7 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows_dir = ROOT / scale["rows"]
     files = args.baselines
 
-    full = Cell("Full", 1.0, evaluate([base, rows_dir / "full.yaml"], overrides))
+    full_metrics, full_outcomes = evaluate_run([base, rows_dir / "full.yaml"], overrides)
+    full = Cell("Full", 1.0, full_metrics, outcomes=full_outcomes)
     cells: list[Cell] = []
     for method in args.methods:
         for r in args.ratios:
@@ -518,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fit_cmd = "ep-kit fit " + " ".join(f"--config {c.relative_to(ROOT)}" for c in configs)
                 ckpt = args.echoingpixels_ckpt
                 if ckpt is None and args.scale == "toy" and all(c.is_file() for c in configs):
-                    cell.metrics = train_and_test(configs, args.seed, overrides)
+                    cell.metrics, cell.outcomes = train_and_test_run(configs, args.seed, overrides)
                     cell.note = f"trained here: {fit_cmd} (seed {args.seed})"
                     cells.append(cell)
                     continue
@@ -536,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cells.append(cell)
                 continue
             try:
-                cell.metrics = evaluate(configs, [*overrides, *extra, f"--model.keep_ratio={r}"])
+                cell.metrics, cell.outcomes = evaluate_run(configs, [*overrides, *extra, f"--model.keep_ratio={r}"])
             except (FileNotFoundError, ValueError) as err:
                 cell.note = f"not run: {err}"
             cells.append(cell)
@@ -545,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"AV groups: {', '.join(av_groups)}; video-only groups: {', '.join(video_groups)}. "
         "Accuracies in %, relative columns in % of Full. " + " ".join(header_bits)
     )
-    md, csv_path = write_outputs(rows, ROOT / args.out, args.scale, command, header, git_commit(ROOT))
+    md, csv_path = write_outputs(rows, ROOT / args.out, args.scale, command, header, git_commit(ROOT),
+                                 probe_table([full, *cells]))
     print(md.read_text())
     print(f"[main_table] wrote {md}, {csv_path} and {md.with_suffix('.png')}")
     return 0

@@ -41,6 +41,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from ep_kit.data import AVDataModule
 from ep_kit.train.callbacks import AnswerWriter, LineProgress, run_summary
+from ep_kit.train.metrics import QuestionOutcome
 from ep_kit.train.module import EPKitModule, read_lightning_checkpoint
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -368,16 +370,35 @@ def program_argv() -> Iterator[None]:
         sys.argv = argv
 
 
-def fit_then_test(args: Sequence[str]) -> dict[str, float]:
+@dataclass
+class FitTestResult:
+    """What :func:`fit_then_test_run` gives back: the logged test metrics, each question's outcome, the CLI.
+
+    ``outcomes`` hold one record per test question (:class:`~ep_kit.train.metrics.QuestionOutcome`),
+    counted as the metrics count them (their mean is ``metrics["test/acc"]``); ``cli`` gives the
+    fitted module and the data module (e.g. the synthetic benchmark's jsonl rows).
+    """
+
+    metrics: dict[str, float]
+    outcomes: list[QuestionOutcome]
+    cli: EPKitCLI
+
+
+def fit_then_test_run(args: Sequence[str]) -> FitTestResult:
     """``ep-kit fit`` with ``args`` (config files and overrides), then test the fitted weights.
 
     The test runs on the same data module's test split with the weights as they are at the end of
-    ``fit`` (no checkpoint reload, so no saved hyper-parameters override ``args``). Returns the
-    logged ``test/...`` metrics. The benchmarks train their rows through this one path.
+    ``fit`` (no checkpoint reload, so no saved hyper-parameters override ``args``). The benchmarks
+    train their rows through this one path.
     """
     cli = run(["fit", *args])
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False, ckpt_path=None)
-    return {k: float(v) for k, v in results[0].items()}
+    return FitTestResult({k: float(v) for k, v in results[0].items()}, list(cli.model.test_outcomes), cli)
+
+
+def fit_then_test(args: Sequence[str]) -> dict[str, float]:
+    """:func:`fit_then_test_run`'s logged ``test/...`` metrics only."""
+    return fit_then_test_run(args).metrics
 
 
 class ParseOnlyCLI(EPKitCLI):

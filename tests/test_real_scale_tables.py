@@ -55,6 +55,9 @@ def test_ablation_real_scale_on_the_standin(standin, tmp_path):
         assert "ep-kit fit --config" in r["commands"] and "ep-kit test --config" in r["commands"]
         assert abs(float(r["realised_keep_ratio"]) - 0.2) < 0.01  # every ablation row is at 20%
     assert "Commit: `" in text and "## Runs" in text and (tmp_path / "ablation_real_quick.png").is_file()
+    # each row's test wrote its questions: Daily-Omni intervals and the orderings' verdicts (28 pairs)
+    assert "## Daily-Omni with intervals" in text and text.count("| reproduced |") + text.count(
+        "| refuted |") + text.count("| unresolved |") == 28
 
 
 @pytest.mark.slow

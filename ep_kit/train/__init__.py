@@ -1,7 +1,7 @@
 """Training and evaluation: the LightningModule, its metrics, thinker sources and callbacks."""
 
 from ep_kit.train.callbacks import AnswerWriter, StopAfterSteps
-from ep_kit.train.metrics import BudgetShare, MultipleChoiceAccuracy
+from ep_kit.train.metrics import BudgetShare, MultipleChoiceAccuracy, QuestionOutcome, QuestionOutcomes
 from ep_kit.train.module import EPKitModule
 from ep_kit.train.sources import PretrainedThinker, ThinkerSource, TinyThinker
 
@@ -11,6 +11,8 @@ __all__ = [
     "EPKitModule",
     "MultipleChoiceAccuracy",
     "PretrainedThinker",
+    "QuestionOutcome",
+    "QuestionOutcomes",
     "StopAfterSteps",
     "ThinkerSource",
     "TinyThinker",

@@ -8,12 +8,16 @@
   which would otherwise be counted twice.
 * :class:`BudgetShare` -- where the token budget went: realised keep ratio over the candidate
   pool, audio/video share of the kept A/V tokens and the keep ratio of each modality (sum states).
+* :class:`QuestionOutcomes` -- one record per question (id, category, correct, predicted letter,
+  kept tokens), for statistics over questions (bootstrap intervals, paired comparisons of rows);
+  de-duplicated exactly as :class:`MultipleChoiceAccuracy`, so its mean is the logged accuracy.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,6 +50,29 @@ def option_letter(index: int) -> str:
     if not 0 <= index < len(LETTERS):
         raise ValueError(f"option index {index} has no letter (at most {len(LETTERS)} options)")
     return LETTERS[index]
+
+
+def first_occurrences(keys: Tensor) -> list[int]:
+    """Indices of the first row of each distinct key row of ``keys`` (``(N, NAME_BYTES)``), in order.
+
+    A ``DistributedSampler`` pads the last batch with repeated samples; every per-question metric
+    keeps only the first record of a question, so they all count the same questions.
+    """
+    seen: set[bytes] = set()
+    rows: list[int] = []
+    for i in range(keys.shape[0]):
+        key = bytes(keys[i].tolist())
+        if key not in seen:
+            seen.add(key)
+            rows.append(i)
+    return rows
+
+
+def _cat(state: list[Tensor] | Tensor) -> Tensor:
+    """A list state as one tensor (after a sync it is one already)."""
+    if isinstance(state, Tensor):
+        return state
+    return torch.cat(state) if state else torch.zeros(0)
 
 
 class MultipleChoiceAccuracy(Metric):
@@ -96,25 +123,13 @@ class MultipleChoiceAccuracy(Metric):
         self.correct.append((predicted.long() == target.long()).to(self.device, torch.long))
         self.options.append(num_options.to(self.device, torch.long))
 
-    @staticmethod
-    def _cat(state: list[Tensor] | Tensor) -> Tensor:
-        if isinstance(state, Tensor):
-            return state
-        return torch.cat(state) if state else torch.zeros(0)
-
     def compute(self) -> dict[str, Tensor]:
-        groups, qids = self._cat(self.groups), self._cat(self.qids)
-        correct, options = self._cat(self.correct), self._cat(self.options)
+        groups, qids = _cat(self.groups), _cat(self.qids)
+        correct, options = _cat(self.correct), _cat(self.options)
         if correct.numel() == 0:
             return {}
         # De-duplicate by (benchmark, question id): keep the first record of each question.
-        seen: set[bytes] = set()
-        rows: list[int] = []
-        for i in range(qids.shape[0]):
-            key = bytes(qids[i].tolist())
-            if key not in seen:
-                seen.add(key)
-                rows.append(i)
+        rows = first_occurrences(qids)
         idx = torch.tensor(rows, device=correct.device)
         groups, correct, options = groups[idx], correct[idx].float(), options[idx].float()
         out: dict[str, Tensor] = {
@@ -189,3 +204,81 @@ class BudgetShare(Metric):
         if self.layer_avg_candidates > 0:
             out["layer_avg_keep_ratio"] = ratio(self.layer_avg_kept, self.layer_avg_candidates)
         return out
+
+
+@dataclass
+class QuestionOutcome:
+    """What one evaluated question came to: its answer and what the reducer kept for it."""
+
+    benchmark: str
+    question_id: str
+    category: str
+    correct: int  # 1 right, 0 wrong
+    predicted: str  # the predicted option letter
+    kept_video: int
+    kept_audio: int
+    n_video: int
+    n_audio: int
+
+
+class QuestionOutcomes(Metric):
+    """Per-question records of an evaluation epoch (synced across ranks), never logged.
+
+    Why: intervals and paired comparisons of table rows need each question's outcome, not only the
+    accuracy. ``update`` takes what :meth:`ep_kit.train.module.EPKitModule.answer` returns;
+    :meth:`outcomes` returns one :class:`QuestionOutcome` per distinct (benchmark, question id), the
+    first record of each (as :class:`MultipleChoiceAccuracy` counts them), in evaluation order.
+    """
+
+    full_state_update = False
+    COUNTS = ("kept_video", "kept_audio", "n_video", "n_audio")
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("qids", "categories", "correct", "predicted", *self.COUNTS):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        predicted: Tensor,
+        target: Tensor,
+        benchmarks: Sequence[str],
+        categories: Sequence[str],
+        question_ids: Sequence[str],
+        stats: Mapping[str, Tensor],
+    ) -> None:
+        if any("\t" in str(b) for b in benchmarks):
+            raise ValueError("benchmark names must not contain a tab")
+        self.qids.append(encode_names([f"{b}\t{q}" for b, q in zip(benchmarks, question_ids, strict=True)], self.device))
+        self.categories.append(encode_names(list(categories), self.device))
+        self.correct.append((predicted.long() == target.long()).to(self.device, torch.long))
+        self.predicted.append(predicted.to(self.device, torch.long))
+        for key in self.COUNTS:
+            getattr(self, key).append(torch.as_tensor(stats[key]).to(self.device, torch.long).reshape(-1))
+
+    def compute(self) -> Tensor:
+        """The number of distinct questions (the records themselves: :meth:`outcomes`)."""
+        return torch.tensor(float(len(first_occurrences(_cat(self.qids)))) if self.qids else 0.0)
+
+    def outcomes(self) -> list[QuestionOutcome]:
+        """Every distinct question's record, gathered from all ranks."""
+        with self.sync_context():
+            qids = _cat(self.qids)
+            if qids.numel() == 0:
+                return []
+            cats, correct, predicted = _cat(self.categories), _cat(self.correct), _cat(self.predicted)
+            counts = {k: _cat(getattr(self, k)) for k in self.COUNTS}
+            records = []
+            for i in first_occurrences(qids):
+                bench, _, qid = decode_name(qids[i]).partition("\t")
+                records.append(
+                    QuestionOutcome(
+                        benchmark=bench,
+                        question_id=qid,
+                        category=decode_name(cats[i]),
+                        correct=int(correct[i]),
+                        predicted=option_letter(int(predicted[i])),
+                        **{k: int(counts[k][i]) for k in self.COUNTS},
+                    )
+                )
+            return records

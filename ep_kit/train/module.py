@@ -26,6 +26,7 @@ import json
 import math
 import tempfile
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,19 @@ from ep_kit.models.omni import OmniThinker
 from ep_kit.reducers.base import TokenReducer
 from ep_kit.rope import MultiAxisRoPE
 from ep_kit.sequence import TokenSequence
-from ep_kit.train.metrics import BudgetShare, MultipleChoiceAccuracy, option_letter
+from ep_kit.train.metrics import (
+    BudgetShare,
+    MultipleChoiceAccuracy,
+    QuestionOutcome,
+    QuestionOutcomes,
+    option_letter,
+)
 from ep_kit.train.schedules import LRScheduleCallable, WarmupCosine
 from ep_kit.train.sources import ThinkerSource, write_base_marker
 
 STAGES = ("val", "test")
+#: per-question test outcomes, one json object a line, beside ``test_metrics.json``.
+OUTCOMES_FILE = "test_questions.jsonl"
 
 #: ``__init__`` arguments that are components (objects): saved as hyper-parameters only in their
 #: ``class_path`` form, i.e. when the module is built by the CLI.
@@ -212,6 +221,10 @@ class EPKitModule(LightningModule):
         self.print_metrics = print_metrics
         self.accuracy = torch.nn.ModuleDict({s: MultipleChoiceAccuracy() for s in STAGES})
         self.budget = torch.nn.ModuleDict({s: BudgetShare() for s in STAGES})
+        # Per-question records of the test stage (statistics over questions; never logged), and the
+        # records of the last test epoch (:attr:`test_outcomes`).
+        self.outcomes = QuestionOutcomes()
+        self.test_outcomes: list[QuestionOutcome] = []
         if init_from is not None:
             self.load_weights(init_from)
 
@@ -433,6 +446,10 @@ class EPKitModule(LightningModule):
             res["predicted"], res["target"], res["benchmark"], res["category"], res["question_id"], res["num_options"]
         )
         self.budget[stage].update(res["stats"])
+        if stage == "test":
+            self.outcomes.update(
+                res["predicted"], res["target"], res["benchmark"], res["category"], res["question_id"], res["stats"]
+            )
 
     # An evaluation suite gives one loader per benchmark (each with its own audio setting); the
     # metrics already key every record by benchmark, so the loader index is not needed.
@@ -480,18 +497,26 @@ class EPKitModule(LightningModule):
         self._report("val", self._log_epoch("val"))
 
     def on_test_epoch_end(self) -> None:
+        self.test_outcomes = self.outcomes.outcomes() if self.outcomes.update_count else []
+        self.outcomes.reset()
         values = self._log_epoch("test")
         self._report("test", values)
         self._write_metrics(values)
 
     def _write_metrics(self, values: Mapping[str, float]) -> None:
-        """``test_metrics.json`` in the run's log directory: every test number, for scripts and tables."""
+        """``test_metrics.json`` in the run's log directory: every test number, for scripts and tables;
+        ``test_questions.jsonl``: one :class:`~ep_kit.train.metrics.QuestionOutcome` per line."""
         log_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero or log_dir is None or self.trainer.sanity_checking:
             return
         path = Path(log_dir) / "test_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(values.items())), indent=2))
+        # Each question's outcome beside them (gathered from every rank): intervals and paired comparisons
+        # of runs need the questions, not only the accuracy (ep_kit.stats).
+        with (path.parent / OUTCOMES_FILE).open("w", encoding="utf-8") as f:
+            for outcome in self.test_outcomes:
+                f.write(json.dumps(asdict(outcome)) + "\n")
 
     # ---------------------------------------------------------------- predict
     def predict_step(
