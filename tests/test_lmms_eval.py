@@ -167,19 +167,33 @@ def test_lmms_eval_daily_omni_equals_ep_kit_test(row, readme_run, standin6, cs2_
 
 
 @pytest.mark.slow
-def test_cs2_weights_change_what_is_kept(readme_run, standin6, tmp_path):
-    """``sieve=`` is honoured: the same row without the checkpoint keeps other tokens (checks the check above)."""
-    args = [f"config=recipes/cs2_ste_20.yaml+recipes/eval_benchmarks.yaml+{standin6.paths_eval}+{standin6.cpu}",
-            "keep_ratio=0.1"]
+def test_generate_choice_equals_ep_kit_answer_and_sieve_weights_count(readme_run, standin6, tmp_path):
+    """``choice=generate``: reduced prefill + cached greedy decoding, the text ``ep-kit answer`` generates.
+
+    The same CS2 row without ``sieve=`` also keeps other tokens than the README's run with the
+    checkpoint: the equality above depends on the weights being loaded.
+    """
+    recipes = ["recipes/cs2_ste_20.yaml", "recipes/eval_benchmarks.yaml", str(standin6.paths_eval), str(standin6.cpu)]
+    args = ["config=" + "+".join(recipes), "keep_ratio=0.1", "choice=generate"]
     tasks = write_tasks(tmp_path / "tasks", *daily_omni_from_paths(standin6.paths_eval))
     run([str(lmms_bin("lmms-eval")), "--model", "ep_kit", "--model_args", ",".join(args), "--tasks", "daily_omni",
-         "--include_path", str(tasks), "--batch_size", "2", "--device", "cpu", "--log_samples", "--limit", "2",
+         "--include_path", str(tasks), "--batch_size", "1", "--device", "cpu", "--log_samples", "--limit", "1",
          "--output_path", str(tmp_path / "out")])
-    fresh = [json.loads(line)["daily_omni_acc"]["ep_kit"]
-             for line in next((tmp_path / "out").rglob("*_samples_daily_omni.jsonl")).read_text().splitlines()]
-    trained = [json.loads(line)["daily_omni_acc"]["ep_kit"]
-               for line in next(readme_run["cs2_10"].rglob("*_samples_daily_omni.jsonl")).read_text().splitlines()]
-    assert [(f["kept_video"], f["kept_audio"]) for f in fresh] != [(t["kept_video"], t["kept_audio"]) for t in trained[:2]]
+    sample = json.loads(next((tmp_path / "out").rglob("*_samples_daily_omni.jsonl")).read_text().splitlines()[0])
+    spent = sample["daily_omni_acc"]["ep_kit"]
+    vid = sample["daily_omni_acc"]["video_id"]
+    config = [a for r in recipes for a in ("--config", r)]
+    run([str(lmms_bin("ep-kit")), "answer", "--video", str(standin6.data / f"daily_omni/Videos/{vid}/{vid}_video.mp4"),
+         "--question", sample["input"], *config, "--keep_ratio", "0.1", "--max_new_tokens", "16",
+         "--output_dir", str(tmp_path / "answer")])
+    ref = json.loads((tmp_path / "answer" / "kept.json").read_text())
+    assert sample["filtered_resps"] == ref["answer"]
+    assert (spent["kept_video"], spent["n_video"]) == (ref["counts"]["video"]["kept"], ref["counts"]["video"]["total"])
+    assert (spent["kept_audio"], spent["n_audio"]) == (ref["counts"]["audio"]["kept"], ref["counts"]["audio"]["total"])
+    trained = json.loads(next(readme_run["cs2_10"].rglob("*_samples_daily_omni.jsonl")).read_text().splitlines()[0])
+    assert trained["daily_omni_acc"]["video_id"] == vid
+    assert (spent["kept_video"], spent["kept_audio"]) != (trained["daily_omni_acc"]["ep_kit"]["kept_video"],
+                                                         trained["daily_omni_acc"]["ep_kit"]["kept_audio"])
 
 
 # ----------------------------------------------------------------------------- without lmms-eval
@@ -226,6 +240,43 @@ def test_recipe_errors_before_the_model_is_built(standin6):
     with pytest.raises(ModelArgsError, match=r"config: .*InstructSource.*recipes/eval_benchmarks.yaml"):
         KitAnswerer(parse_model_args({"config": str(REPO / "recipes/cs2_ste_20.yaml"),
                                       "pretrained": str(standin6.model)}))
+
+
+@pytest.mark.slow
+def test_answers_equal_ep_kit_answer_on_the_toy_recipe(tmp_path):
+    """Both answer paths of the plugin, batched together, give what ``ep-kit answer`` gives for each question.
+
+    Multiple choice: the letter ``ep-kit answer --options`` picks; free form (``choice=generate``): the
+    text ``ep-kit answer`` generates (the toy thinker's byte vocabulary decodes to text), with the same
+    kept tokens. The toy recipe builds in seconds from the shipped base.
+    """
+    from ep_kit.cli import answer
+    from ep_kit.data.benchmarks import format_mc_prompt
+    from ep_kit.data.synthetic import Event, render_events, write_av_clip
+    from ep_kit.lmms_eval.harness import KitAnswerer, Request
+
+    frames, audio = render_events([Event("flash", 0.25, 0.5, colour="red"), Event("tone", 1.0, 0.5, pitch="low")],
+                                  seconds=2.0, fps=4.0, size=56)
+    clip = tmp_path / "clip.mp4"
+    write_av_clip(clip, frames, 4.0, audio)
+    recipe = str(REPO / "recipes/toy/cs2_ste_20.yaml")
+    question, options = "Which colour flashes?", ["red", "green", "blue", "yellow"]
+    mc_prompt = format_mc_prompt(question, options, instruction=None, suffix=None)  # the toy benchmark's prompt
+    got = {}
+    for choice in ("letters", "generate"):
+        kit = KitAnswerer(parse_model_args({"config": recipe, "choice": choice, "keep_ratio": 0.2}))
+        got[choice] = kit.answer([Request(mc_prompt, str(clip), 8), Request("What happens?", str(clip), 8)])
+    common = ["--video", str(clip), "--config", recipe, "--keep_ratio", "0.2", "--max_new_tokens", "8"]
+    letter = answer([*common, "--question", question, "--options", *options, "--output_dir", str(tmp_path / "a")])
+    text = answer([*common, "--question", mc_prompt, "--output_dir", str(tmp_path / "b")])
+    free = answer([*common, "--question", "What happens?", "--output_dir", str(tmp_path / "c")])
+    assert got["letters"][0].text == letter["answer"].split(".")[0]
+    assert got["generate"][0].text == text["answer"] and got["generate"][1].text == free["answer"]
+    assert got["letters"][1].text == free["answer"]  # no options in the prompt: generated in both modes
+    assert text["answer"], "the toy thinker generates text (else the comparison above is empty)"
+    for res, ref in ((got["letters"][0], letter), (got["generate"][0], text), (got["generate"][1], free)):
+        assert (res.budget["kept_video"], res.budget["n_video"]) == (ref["counts"]["video"]["kept"], ref["counts"]["video"]["total"])
+        assert (res.budget["kept_audio"], res.budget["n_audio"]) == (ref["counts"]["audio"]["kept"], ref["counts"]["audio"]["total"])
 
 
 def test_lettered_options_are_counted_from_the_prompt():
