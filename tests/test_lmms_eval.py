@@ -242,8 +242,41 @@ def test_recipe_errors_before_the_model_is_built(standin6):
                                       "pretrained": str(standin6.model)}))
 
 
+@pytest.fixture(scope="module")
+def toy_clip(tmp_path_factory) -> Path:
+    from ep_kit.data.synthetic import Event, render_events, write_av_clip
+
+    frames, audio = render_events([Event("flash", 0.25, 0.5, colour="red"), Event("tone", 1.0, 0.5, pitch="low")],
+                                  seconds=2.0, fps=4.0, size=56)
+    clip = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    write_av_clip(clip, frames, 4.0, audio)
+    return clip
+
+
+TOY_ROWS = sorted([*(REPO / "recipes/toy/baselines").glob("*_20.yaml"), REPO / "recipes/toy/baselines/full.yaml"])
+
+
 @pytest.mark.slow
-def test_answers_equal_ep_kit_answer_on_the_toy_recipe(tmp_path):
+@pytest.mark.parametrize("overlay", TOY_ROWS, ids=lambda p: p.stem)
+def test_every_training_free_row_answers_as_ep_kit_answer(overlay, toy_clip, tmp_path):
+    """Each main-table baseline (toy scale, its base + overlay) through the plugin: ep-kit answer's letter and kept tokens."""
+    from ep_kit.cli import answer
+    from ep_kit.data.benchmarks import format_mc_prompt
+    from ep_kit.lmms_eval.harness import KitAnswerer, Request
+
+    base = REPO / "recipes/toy/baselines/base.yaml"
+    question, options = "Which colour flashes?", ["red", "green", "blue", "yellow"]
+    kit = KitAnswerer(parse_model_args({"config": f"{base}+{overlay}"}))
+    [res] = kit.answer([Request(format_mc_prompt(question, options, instruction=None, suffix=None), str(toy_clip))])
+    ref = answer(["--video", str(toy_clip), "--config", str(base), "--config", str(overlay), "--question", question,
+                  "--options", *options, "--output_dir", str(tmp_path)])
+    assert res.text == ref["answer"].split(".")[0]
+    assert (res.budget["kept_video"], res.budget["kept_audio"]) == (ref["counts"]["video"]["kept"], ref["counts"]["audio"]["kept"])
+    assert kit.keep_ratio == ref["keep_ratio"]
+
+
+@pytest.mark.slow
+def test_answers_equal_ep_kit_answer_on_the_toy_recipe(toy_clip, tmp_path):
     """Both answer paths of the plugin, batched together, give what ``ep-kit answer`` gives for each question.
 
     Multiple choice: the letter ``ep-kit answer --options`` picks; free form (``choice=generate``): the
@@ -252,13 +285,9 @@ def test_answers_equal_ep_kit_answer_on_the_toy_recipe(tmp_path):
     """
     from ep_kit.cli import answer
     from ep_kit.data.benchmarks import format_mc_prompt
-    from ep_kit.data.synthetic import Event, render_events, write_av_clip
     from ep_kit.lmms_eval.harness import KitAnswerer, Request
 
-    frames, audio = render_events([Event("flash", 0.25, 0.5, colour="red"), Event("tone", 1.0, 0.5, pitch="low")],
-                                  seconds=2.0, fps=4.0, size=56)
-    clip = tmp_path / "clip.mp4"
-    write_av_clip(clip, frames, 4.0, audio)
+    clip = toy_clip
     recipe = str(REPO / "recipes/toy/cs2_ste_20.yaml")
     question, options = "Which colour flashes?", ["red", "green", "blue", "yellow"]
     mc_prompt = format_mc_prompt(question, options, instruction=None, suffix=None)  # the toy benchmark's prompt
