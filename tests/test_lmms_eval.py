@@ -39,7 +39,7 @@ ROWS = {
     "cs2_10": ["--config", "recipes/cs2_ste_20.yaml", "--config", "recipes/eval_benchmarks.yaml", "--model.keep_ratio=0.1"],
     "fastv_20": ["--config", "recipes/eval_3b.yaml", "--config", "recipes/baselines/fastv_20.yaml"],
 }
-QUESTIONS = 6
+QUESTIONS = 4
 
 
 def lmms_bin(name: str) -> Path:
@@ -67,15 +67,15 @@ def run(argv: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def standin6(tmp_path_factory):
-    """The stand-in with 6 questions per benchmark (3 batches of 2)."""
+def standin4(tmp_path_factory):
+    """The stand-in with 4 questions per benchmark (2 batches of 2)."""
     from ep_kit.standin import write_standin
 
-    return write_standin(tmp_path_factory.mktemp("standin6"), questions=QUESTIONS)
+    return write_standin(tmp_path_factory.mktemp("standin4"), questions=QUESTIONS)
 
 
 @pytest.fixture(scope="module")
-def cs2_ckpt(standin6, tmp_path_factory) -> Path:
+def cs2_ckpt(standin4, tmp_path_factory) -> Path:
     """A Lightning checkpoint of the CS2 row whose sieve and scorer differ from their seeded initialisation.
 
     So a run that ignored ``sieve=`` would keep other tokens than ``ep-kit test --model.init_from``.
@@ -83,7 +83,7 @@ def cs2_ckpt(standin6, tmp_path_factory) -> Path:
     from ep_kit.cli import parse
 
     cli = parse(["--config", str(REPO / "recipes/cs2_ste_20.yaml"), "--config", str(REPO / "recipes/eval_benchmarks.yaml"),
-                 "--config", str(standin6.paths_eval), "--config", str(standin6.cpu)])
+                 "--config", str(standin4.paths_eval), "--config", str(standin4.cpu)])
     module = cli.parser.instantiate_classes(cli.config).model
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -95,10 +95,10 @@ def cs2_ckpt(standin6, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def readme_run(standin6, cs2_ckpt, tmp_path_factory) -> dict[str, Path]:
+def readme_run(standin4, cs2_ckpt, tmp_path_factory) -> dict[str, Path]:
     """Run the README block (the task writer, then each lmms-eval command); returns each row's output folder."""
     out = tmp_path_factory.mktemp("lmms")
-    subs = {"/tmp/standin": str(standin6.root), "runs/lmms": str(out), README_CKPT: str(cs2_ckpt),
+    subs = {"/tmp/standin": str(standin4.root), "runs/lmms": str(out), README_CKPT: str(cs2_ckpt),
             ".venv-lmms/bin/": f"{LMMS_VENV}/bin/"}
     lmms_bin("lmms-eval")
     rows = {}
@@ -125,21 +125,23 @@ def kit_reference(standin, row: str, ckpt: Path, tmp: Path) -> tuple[dict[str, f
     args = [*ROWS[row], "--config", str(standin.paths_eval), "--config", str(standin.cpu), "--config", str(only)]
     if row.startswith("cs2"):
         args.append(f"--model.init_from={ckpt}")
-    ep_kit = str(lmms_bin("ep-kit"))
-    run([ep_kit, "test", *args, f"--trainer.logger.init_args.save_dir={tmp / 'test'}"])
+    # `ep-kit test` then `ep-kit predict`, as the console script runs them (ep_kit.cli.main), in one process.
+    both = ("import json, sys; from ep_kit.cli import main; a = json.loads(sys.argv[1]); "
+            "main(['test', *a, sys.argv[2]]); main(['predict', *a, sys.argv[3]])")
+    run([str(lmms_bin("python")), "-c", both, json.dumps(args), f"--trainer.logger.init_args.save_dir={tmp / 'test'}",
+         f"--trainer.logger.init_args.save_dir={tmp / 'predict'}"])
     metrics = json.loads(next((tmp / "test").rglob("test_metrics.json")).read_text())
-    run([ep_kit, "predict", *args, f"--trainer.logger.init_args.save_dir={tmp / 'predict'}"])
     rows = [json.loads(line) for line in next((tmp / "predict").rglob("predictions.jsonl")).read_text().splitlines()]
     return metrics, rows
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", sorted(ROWS))
-def test_lmms_eval_daily_omni_equals_ep_kit_test(row, readme_run, standin6, cs2_ckpt, tmp_path):
+def test_lmms_eval_daily_omni_equals_ep_kit_test(row, readme_run, standin4, cs2_ckpt, tmp_path):
     out = readme_run[row]
     results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]["daily_omni"]
     samples = [json.loads(line) for line in next(out.rglob("*_samples_daily_omni.jsonl")).read_text().splitlines()]
-    metrics, predicted = kit_reference(standin6, row, cs2_ckpt, tmp_path)
+    metrics, predicted = kit_reference(standin4, row, cs2_ckpt, tmp_path)
     assert len(samples) == len(predicted) == QUESTIONS
 
     # Accuracy and where the budget went: the numbers ep-kit test reports.
@@ -167,15 +169,15 @@ def test_lmms_eval_daily_omni_equals_ep_kit_test(row, readme_run, standin6, cs2_
 
 
 @pytest.mark.slow
-def test_generate_choice_equals_ep_kit_answer_and_sieve_weights_count(readme_run, standin6, tmp_path):
+def test_generate_choice_equals_ep_kit_answer_and_sieve_weights_count(readme_run, standin4, tmp_path):
     """``choice=generate``: reduced prefill + cached greedy decoding, the text ``ep-kit answer`` generates.
 
     The same CS2 row without ``sieve=`` also keeps other tokens than the README's run with the
     checkpoint: the equality above depends on the weights being loaded.
     """
-    recipes = ["recipes/cs2_ste_20.yaml", "recipes/eval_benchmarks.yaml", str(standin6.paths_eval), str(standin6.cpu)]
+    recipes = ["recipes/cs2_ste_20.yaml", "recipes/eval_benchmarks.yaml", str(standin4.paths_eval), str(standin4.cpu)]
     args = ["config=" + "+".join(recipes), "keep_ratio=0.1", "choice=generate"]
-    tasks = write_tasks(tmp_path / "tasks", *daily_omni_from_paths(standin6.paths_eval))
+    tasks = write_tasks(tmp_path / "tasks", *daily_omni_from_paths(standin4.paths_eval))
     run([str(lmms_bin("lmms-eval")), "--model", "ep_kit", "--model_args", ",".join(args), "--tasks", "daily_omni",
          "--include_path", str(tasks), "--batch_size", "1", "--device", "cpu", "--log_samples", "--limit", "1",
          "--output_path", str(tmp_path / "out")])
@@ -183,7 +185,7 @@ def test_generate_choice_equals_ep_kit_answer_and_sieve_weights_count(readme_run
     spent = sample["daily_omni_acc"]["ep_kit"]
     vid = sample["daily_omni_acc"]["video_id"]
     config = [a for r in recipes for a in ("--config", r)]
-    run([str(lmms_bin("ep-kit")), "answer", "--video", str(standin6.data / f"daily_omni/Videos/{vid}/{vid}_video.mp4"),
+    run([str(lmms_bin("ep-kit")), "answer", "--video", str(standin4.data / f"daily_omni/Videos/{vid}/{vid}_video.mp4"),
          "--question", sample["input"], *config, "--keep_ratio", "0.1", "--max_new_tokens", "16",
          "--output_dir", str(tmp_path / "answer")])
     ref = json.loads((tmp_path / "answer" / "kept.json").read_text())
@@ -231,7 +233,7 @@ def test_model_args_become_the_ep_kit_test_overrides(tmp_path):
     assert (options.audio, options.batch_size, options.device, options.choice) == (False, 3, "cpu", "letters")
 
 
-def test_recipe_errors_before_the_model_is_built(standin6):
+def test_recipe_errors_before_the_model_is_built(standin4):
     """A placeholder model path, or a training recipe's data settings, are refused naming what to pass."""
     from ep_kit.lmms_eval.harness import KitAnswerer
 
@@ -239,7 +241,7 @@ def test_recipe_errors_before_the_model_is_built(standin6):
         KitAnswerer(parse_model_args({"config": str(REPO / "recipes/eval_3b.yaml")}))
     with pytest.raises(ModelArgsError, match=r"config: .*InstructSource.*recipes/eval_benchmarks.yaml"):
         KitAnswerer(parse_model_args({"config": str(REPO / "recipes/cs2_ste_20.yaml"),
-                                      "pretrained": str(standin6.model)}))
+                                      "pretrained": str(standin4.model)}))
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +310,19 @@ def test_answers_equal_ep_kit_answer_on_the_toy_recipe(toy_clip, tmp_path):
         assert (res.budget["kept_audio"], res.budget["n_audio"]) == (ref["counts"]["audio"]["kept"], ref["counts"]["audio"]["total"])
 
 
+def test_precision_is_the_autocast_ep_kit_test_runs_under():
+    from ep_kit.lmms_eval.harness import _precision
+
+    cpu = torch.device("cpu")
+    assert isinstance(_precision("bf16-mixed", cpu), torch.autocast)
+    with _precision("bf16-mixed", cpu):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with _precision("32-true", cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ModelArgsError, match="trainer.precision 'transformer-engine'"):
+        _precision("transformer-engine", cpu)
+
+
 def test_lettered_options_are_counted_from_the_prompt():
     from ep_kit.data.benchmarks import format_mc_prompt
 
@@ -330,9 +345,9 @@ def test_extract_letter_reads_the_answer_as_mc_tasks_do():
         assert extract_letter(response, letters) == letter, response
 
 
-def test_task_writer_names_the_data_and_includes_the_shipped_template(standin6, tmp_path):
-    annotation, media = daily_omni_from_paths(standin6.paths_eval)
-    assert annotation == standin6.data / "daily_omni/qa.json" and media == standin6.data / "daily_omni/Videos"
+def test_task_writer_names_the_data_and_includes_the_shipped_template(standin4, tmp_path):
+    annotation, media = daily_omni_from_paths(standin4.paths_eval)
+    assert annotation == standin4.data / "daily_omni/qa.json" and media == standin4.data / "daily_omni/Videos"
     task = yaml.safe_load((write_tasks(tmp_path, annotation, media) / "daily_omni.yaml").read_text())
     assert task["include"] == str(TEMPLATE) and TEMPLATE.is_file()
     assert task["dataset_kwargs"]["data_files"]["test"] == str(annotation)
@@ -343,3 +358,17 @@ def test_task_writer_names_the_data_and_includes_the_shipped_template(standin6, 
     bad.write_text(yaml.safe_dump({"model": {}}))
     with pytest.raises(ValueError, match="no daily_omni entry"):
         daily_omni_from_paths(bad)
+
+
+def test_task_command_forms(standin4, tmp_path, capsys):
+    """The README's task commands: print the shipped folder; write from qa.json + Videos, or from a paths file."""
+    from ep_kit.lmms_eval.tasks import SHIPPED, main
+
+    main([])
+    assert capsys.readouterr().out.strip() == str(SHIPPED)
+    annotation, media = daily_omni_from_paths(standin4.paths_eval)
+    main([str(tmp_path / "a"), "--daily_omni", str(annotation), str(media)])
+    main([str(tmp_path / "b"), "--paths", str(standin4.paths_eval)])
+    assert (tmp_path / "a/daily_omni.yaml").read_text() == (tmp_path / "b/daily_omni.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "c")])  # neither data argument
