@@ -4,10 +4,14 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The lmms-eval harness lives in a second environment: lmms-eval 0.7.3 pins av<16 (the kit's own takes the
+# newest av), so it is kept apart from .venv; tests/test_lmms_eval.py runs its `lmms-eval` and `ep-kit`.
+LMMS_VENV ?= .venv-lmms
+LMMS_STAMP := $(LMMS_VENV)/.installed-stamp
 # torch/torchvision are pinned to the pair this machine kind installs from local disk (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint ablation toy-base clean
+.PHONY: demo test lint ablation toy-base lmms-env clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +20,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+$(LMMS_STAMP): pyproject.toml
+	$(PY) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LMMS_VENV)/bin/python -m pip install -q $(TORCH_PINS)
+	$(LMMS_VENV)/bin/python -m pip install -q -e ".[lmms-eval]"
+	touch $(LMMS_STAMP)
+
+# The lmms-eval environment alone (make test builds it too).
+lmms-env: $(LMMS_STAMP)
+
 # Fine-tunes CS2 from the toy base shipped in ep_kit/assets/toy_base (nothing is pretrained first).
 demo: $(STAMP)
 	$(BIN)/ep-kit fit --config recipes/toy/cs2_ste_20.yaml
@@ -23,7 +37,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ep_kit tests benchmarks
 
-test: lint
+test: lint $(LMMS_STAMP)
 	$(BIN)/python -m pytest -q
 
 ablation: $(STAMP)
@@ -34,4 +48,4 @@ toy-base: $(STAMP)
 	$(BIN)/python -m ep_kit.toy_base build
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) $(LMMS_VENV) runs .cache

@@ -392,6 +392,29 @@ def read_mlvu(
     return _collect(items, skip_bad, report)
 
 
+def daily_omni_sample(row: Any, index: int, media_root: str | Path, where: str | None = None) -> MCSample:
+    """One Daily-Omni ``qa.json`` row (its ``index`` in the file) as the kit reads it.
+
+    Shared by :func:`read_daily_omni` and the lmms-eval task (``ep_kit/lmms_eval/tasks/daily_omni``), so
+    both give the same question id, options, answer letter and video path. A bad row raises
+    ``ValueError`` naming ``where`` (default: the row index).
+    """
+    where = where or f"Daily-Omni row {index}"
+    _need(row, ["Question", "Choice", "Answer", "video_id"], where)
+    options = _options(row["Choice"], where)
+    vid = str(row["video_id"])
+    return MCSample(
+        question_id=f"{vid}-{index}",
+        video_path=str(Path(media_root) / vid / f"{vid}_video.mp4"),
+        question=str(row["Question"]),
+        options=[strip_option_letter(o) for o in options],
+        answer_letter=_letter(row["Answer"], options, where),
+        category=str(row.get("Type") or "unknown"),
+        benchmark="daily_omni",
+        extra={k: row.get(k) for k in ("video_category", "video_duration") if k in row},
+    )
+
+
 def read_daily_omni(
     annotation: str | Path,
     media_root: str | Path,
@@ -404,26 +427,7 @@ def read_daily_omni(
 
     def make(i: int, row: dict) -> Callable[[], MCSample]:
         where = f"{annotation} row {i}"
-
-        def build() -> MCSample:
-            _need(row, ["Question", "Choice", "Answer", "video_id"], where)
-            options = _options(row["Choice"], where)
-            vid = str(row["video_id"])
-            return _check_media(
-                MCSample(
-                    question_id=f"{vid}-{i}",
-                    video_path=str(Path(media_root) / vid / f"{vid}_video.mp4"),
-                    question=str(row["Question"]),
-                    options=[strip_option_letter(o) for o in options],
-                    answer_letter=_letter(row["Answer"], options, where),
-                    category=str(row.get("Type") or "unknown"),
-                    benchmark="daily_omni",
-                    extra={k: row.get(k) for k in ("video_category", "video_duration") if k in row},
-                ),
-                check_files,
-            )
-
-        return build
+        return lambda: _check_media(daily_omni_sample(row, i, media_root, where), check_files)
 
     if not isinstance(rows, list):
         raise ValueError(f"{annotation}: expected a json list of questions")

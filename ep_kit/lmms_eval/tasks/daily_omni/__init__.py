@@ -1,0 +1,1 @@
+"""The Daily-Omni task (``_default_template_yaml`` + :mod:`.utils`)."""
