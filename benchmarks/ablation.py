@@ -93,9 +93,9 @@ def feature_cache_args(root: Path | None) -> list[str]:
 #: what ``--quick`` changes at toy scale, after the recipe and before ``--override``: less data (a
 #: smaller synthetic benchmark, generated once) and a short training. The numbers are a smoke run's.
 QUICK_TOY_ARGS: list[str] = [
-    "--data.init_args.source.init_args.num_train=200",
-    "--data.init_args.source.init_args.num_val=20",
-    "--data.init_args.source.init_args.num_test=200",
+    "--data.init_args.source.init_args.num_train=48",
+    "--data.init_args.source.init_args.num_val=10",
+    "--data.init_args.source.init_args.num_test=100",
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=6",
     "--trainer.limit_val_batches=1",

@@ -10,7 +10,8 @@ Columns, per method and budget (20/10/5%):
 
 * ``AV avg``: mean accuracy over the audio-visual groups; ``Video avg``: over the video-only groups.
   Toy scale: the synthetic benchmark's question types -- AV = ``av_saliency``, ``sound_only``,
-  ``sync``; video-only = ``temporal_order``, ``picture_only``. Real scale: benchmarks -- AV =
+  ``sync`` and the probes ``query``, ``binding``, ``quota``; video-only = ``temporal_order``,
+  ``picture_only`` and the probes ``order_long``, ``distractor`` (answers on screen). Real scale: benchmarks -- AV =
   WorldSense, Daily-Omni, Video-MME with audio; video-only = Video-MME, MLVU (``--av-groups`` /
   ``--video-groups`` name the metric keys under ``test/acc/``).
 * ``AV rel`` / ``Video rel`` / ``Rel``: 100 x the method's average over the Full model's (``Rel``
@@ -88,8 +89,9 @@ SCALES = {
         "base": "recipes/toy/baselines/base.yaml",
         "rows": "recipes/toy/baselines",
         "echoingpixels": "recipes/toy/cs2_ste_{pct}.yaml",
-        "av_groups": ["synthetic_av/av_saliency", "synthetic_av/sound_only", "synthetic_av/sync"],
-        "video_groups": ["synthetic_av/temporal_order", "synthetic_av/picture_only"],
+        # Answers that need the audio (or both streams) / answers on screen (ep_kit/data/synthetic.py).
+        "av_groups": [f"synthetic_av/{t}" for t in ("av_saliency", "sound_only", "sync", "query", "binding", "quota")],
+        "video_groups": [f"synthetic_av/{t}" for t in ("temporal_order", "picture_only", "order_long", "distractor")],
     },
     "real": {
         "base": "recipes/eval_3b.yaml",

@@ -54,8 +54,9 @@ PROBES: tuple[Probe, ...] = (
         "order_long",
         "aliasing (Sync-RoPE vs TMRoPE) on long clips",
         "clips of 8, 16, 24 and 32 s, two flashes far apart (first / last quarter); which came first. "
-        "TMRoPE's slowest temporal channel turns every 6.4 s in the 3B model, every 1.4 s in the toy "
-        "layout [2, 3, 3] of head_dim 16 (the report prints both toy layouts' periods).",
+        "TMRoPE's slowest temporal channel turns every 6.4 s in the 3B model, every 0.8 s in the toy "
+        "layout [2, 3, 3] of head_dim 16 at the toy rope base 1e4 (the report prints both toy layouts' "
+        "periods). Sync-RoPE's t_low pairs turn 0.26-0.8 rad over 32 s there: readable, never wrapped.",
         "Full (Sync-RoPE) beats ablation_no_syncrope (TMRoPE), with the gap growing with clip length.",
         ("ablation_no_syncrope",),
         by_length=True,

@@ -165,6 +165,7 @@ def tiny_thinker_config(
     audio_d_model: int = 32,
     audio_heads: int = 2,
     attn_implementation: str = "sdpa",
+    rope_theta: float = 1_000_000.0,
 ) -> Qwen2_5OmniThinkerConfig:
     """A random-weight thinker for tests: real classes, real token layout, tiny sizes.
 
@@ -197,6 +198,7 @@ def tiny_thinker_config(
         audio_n_window=100,
         audio_max_source_positions=1500,
         attn_implementation=attn_implementation,
+        rope_theta=rope_theta,
     )
 
 

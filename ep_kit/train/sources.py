@@ -99,6 +99,10 @@ class TinyThinker(ThinkerSource):
             sizes passed to :func:`ep_kit.models.tiny.tiny_thinker_config`.
         mrope_section: TMRoPE sections of the *config* (default: 16:24:24 proportion of head_dim/2).
         attn_implementation: ``sdpa`` or ``eager``.
+        rope_theta: the rotary base. The toy recipes use 1e4: with 8 frequency pairs per head, it gives
+            the slowest pairs (Sync-RoPE's ``t_low``) a readable but unwrapped turn over the toy's 8-32 s
+            clips (0.26-0.8 rad over 800 positions), as the released 64 pairs at 1e6 do over hours; at
+            1e6 those pairs turn < 0.03 rad over 32 s and Sync-RoPE and TMRoPE are the same toy model.
         init_from: ``shipped`` (the toy base shipped with the kit, :data:`SHIPPED_BASE`), or the
             directory of another tiny base (``python -m ep_kit.toy_base build DIR``, or any fit with
             ``--model.export_thinker=DIR``); None = random weights. It is only loaded: a missing
@@ -121,6 +125,7 @@ class TinyThinker(ThinkerSource):
         audio_d_model: int = 32,
         audio_heads: int = 2,
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
+        rope_theta: float = 1_000_000.0,
         init_from: str | None = None,
     ) -> None:
         self.sizes = {
@@ -137,6 +142,7 @@ class TinyThinker(ThinkerSource):
             "audio_layers": audio_layers,
             "audio_d_model": audio_d_model,
             "audio_heads": audio_heads,
+            "rope_theta": float(rope_theta),
         }
         self.attn_implementation = attn_implementation
         self.init_from = init_from
@@ -188,11 +194,18 @@ def _check_same_architecture(expected, found, root: Path) -> None:
         "text_config.vocab_size": (expected.text_config.vocab_size, found.text_config.vocab_size),
         "vision_config.depth": (expected.vision_config.depth, found.vision_config.depth),
         "audio_config.encoder_layers": (expected.audio_config.encoder_layers, found.audio_config.encoder_layers),
+        "text_config.rope_theta": (_theta(expected), _theta(found)),
     }
     bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
     if bad:
         detail = ", ".join(f"{k}: recipe {a} vs base {b}" for k, (a, b) in bad.items())
         raise ValueError(f"{root / 'config.json'}: the toy base does not match model.thinker sizes ({detail})")
+
+
+def _theta(config) -> float:
+    text = config.text_config
+    params = getattr(text, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(text, "rope_theta", 0.0)))
 
 
 def write_base_marker(root: Path, info: dict[str, Any]) -> None:
