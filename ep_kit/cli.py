@@ -514,6 +514,20 @@ def main(args: Sequence[str] | None = None) -> None:
     except (ConfigError, MissingExtraError) as err:
         print(f"ep-kit: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group a multi-process run (DDP/FSDP) left behind, before the interpreter exits.
+
+    Lightning leaves it open after ``fit``; a gloo group torn down by interpreter exit instead aborted a
+    2-process CPU fit after it had finished ("terminate called without an active exception", status -6).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -99,8 +99,8 @@ class TinyThinker(ThinkerSource):
             sizes passed to :func:`ep_kit.models.tiny.tiny_thinker_config`.
         mrope_section: TMRoPE sections of the *config* (default: 16:24:24 proportion of head_dim/2).
         attn_implementation: ``sdpa`` or ``eager``.
-        rope_theta: the rotary base. The toy recipes use 1e4: with 8 frequency pairs per head, it gives
-            the slowest pairs (Sync-RoPE's ``t_low``) a readable but unwrapped turn over the toy's 8-32 s
+        rope_theta: the rotary base; default 1e4, the shipped toy base's. With 8 frequency pairs per
+            head, it gives the slowest pairs (Sync-RoPE's ``t_low``) a readable but unwrapped turn over the toy's 8-32 s
             clips (0.26-0.8 rad over 800 positions), as the released 64 pairs at 1e6 do over hours; at
             1e6 those pairs turn < 0.03 rad over 32 s and Sync-RoPE and TMRoPE are the same toy model.
         init_from: ``shipped`` (the toy base shipped with the kit, :data:`SHIPPED_BASE`), or the
@@ -125,7 +125,7 @@ class TinyThinker(ThinkerSource):
         audio_d_model: int = 32,
         audio_heads: int = 2,
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
-        rope_theta: float = 1_000_000.0,
+        rope_theta: float = 10_000.0,
         init_from: str | None = None,
     ) -> None:
         self.sizes = {
