@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check ep_kit tests benchmarks notebooks
 
 test: lint $(LMMS_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 ablation: $(STAMP)
 	$(BIN)/python benchmarks/ablation.py --scale toy

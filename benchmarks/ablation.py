@@ -110,6 +110,93 @@ FULL_TOY_ARGS: list[str] = [
 ]
 
 
+#: the reference every probe is read against: the shipped toy base itself (not fine-tuned, its own TMRoPE),
+#: tested with all tokens. A probe it answers at chance cannot separate the rows: a reduction row can keep
+#: or drop the right tokens, but a model that cannot answer from all of them will not answer from a few.
+CEILING = "base_all_tokens"
+CEILING_NAME = "Toy base, all tokens (reference)"
+CEILING_CONFIGS = ("baselines/base.yaml", "baselines/full.yaml")
+
+
+def run_ceiling(
+    scale: str, quick: bool, feature_cache: Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[SeedRun, dict[str, dict[str, Any]]]:
+    """``ep-kit test`` of the toy base with all tokens (:data:`CEILING_CONFIGS`) on the rows' test split:
+    its run and the test questions' info (:func:`question_info`)."""
+    from ep_kit.cli import run
+
+    args = [
+        "test",
+        *(a for c in CEILING_CONFIGS for a in ("--config", str(REPO / "recipes" / scale / c))),
+        f"--trainer.logger.init_args.name=ablation/{CEILING}",
+        "--trainer.enable_progress_bar=false",
+        "--model.print_metrics=false",
+        *feature_cache_args(feature_cache),
+        *(QUICK_TOY_ARGS if quick else []),
+        *overrides,
+    ]
+    cli = run(args)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+    outcomes = list(cli.model.test_outcomes)
+    return SeedRun(0, metrics, outcomes), question_info(outcomes, cli.datamodule)
+
+
+def rows_from_recorded(
+    run_dir: Path, quick: bool, recipes: Sequence[str], tokens: dict[str, tuple[int, int]]
+) -> tuple[list[ToyRow], dict[str, dict[str, Any]], str]:
+    """The rows of a recorded toy run, rebuilt from its ``<stem>_questions.csv`` (every answer) and
+    ``<stem>.csv`` (each row's realised keep ratio and audio share): what :func:`toy_statistics` needs
+    to recompute the report without training anything. Also the recorded run's commit and wall time.
+
+    ``tokens``: question id -> (video, audio) input tokens, for a csv written before it held them.
+    """
+    from ep_kit.train.metrics import QuestionOutcome
+
+    stem = toy_stem(quick)
+    paths = [run_dir / f"{stem}{suffix}" for suffix in ("_questions.csv", ".csv", ".md")]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--rows-from: {path} does not exist (a toy run's results directory)")
+    per_row = {r["recipe"]: r for r in csv.DictReader(paths[1].open())}
+    runs: dict[tuple[str, int], list[QuestionOutcome]] = {}
+    questions: dict[str, dict[str, Any]] = {}
+    for q in csv.DictReader(paths[0].open()):
+        if q["row"] not in recipes:
+            continue
+        n_video, n_audio = (int(q["n_video"]), int(q["n_audio"])) if q.get("n_video") else tokens.get(q["question_id"], (0, 0))
+        runs.setdefault((q["row"], int(q["seed"])), []).append(QuestionOutcome(
+            "synthetic_av", q["question_id"], q["category"], int(q["correct"]), q["predicted"],
+            int(q["kept_video"]), int(q["kept_audio"]), n_video, n_audio))
+        questions.setdefault(q["question_id"], {"category": q["category"],
+                                                "seconds": float(q["seconds"]) if q["seconds"] else None})
+    rows = []
+    for recipe, name, paper in ROWS:
+        seeds = sorted(seed for r, seed in runs if r == recipe)
+        if recipe not in recipes or not seeds:
+            continue
+        row = ToyRow(recipe, name, paper)
+        for seed in seeds:
+            recs = runs[(recipe, seed)]
+            row.runs.append(SeedRun(seed, {
+                "test/acc": statistics.fmean(o.correct for o in recs),
+                "test/realised_keep_ratio": float(per_row[recipe]["realised_keep_ratio"]),
+                "test/audio_share": float(per_row[recipe]["audio_share"]),
+            }, recs))
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"--rows-from: {paths[0]} holds none of the rows {list(recipes)}")
+    return rows, questions, recorded_run(paths[2])
+
+
+def recorded_run(md: Path) -> str:
+    """One line naming a recorded toy run by its report's commit and wall time (read before it is rewritten)."""
+    lines = md.read_text().splitlines()
+    commit_ = next((ln.split("`")[1] for ln in lines if ln.startswith("Commit: `")), "unknown")
+    wall = next((ln.split(":", 1)[1].split(";")[0].strip() for ln in lines if ln.startswith("Wall time")), "unknown")
+    return (f"Rows: recomputed, without training, from the per-question outcomes of a recorded run "
+            f"(`{md.stem}_questions.csv`; its commit `{commit_}`, wall time {wall})")
+
+
 def run_row(
     recipe: Path, seed: int, quick: bool, feature_cache: Path | None = None, overrides: Sequence[str] = ()
 ) -> FitTestResult:
@@ -220,6 +307,8 @@ class Hypothesis:
     row: str
     diff: Interval | None  # full - row on the probe's questions; None when not measured
     verdict: str  # supported / contradicted / unresolved / not measured (why)
+    ceiling: Interval | None = None  # the toy base's accuracy on the probe with all tokens (None: not run)
+    at_chance: bool = False  # that accuracy's interval reaches chance: the probe cannot decide this hypothesis
 
 
 @dataclass
@@ -235,6 +324,14 @@ class ToyTable:
     by_length: dict[str, dict[int, RowAccuracy]]  # recipe -> clip seconds -> accuracy on order_long
     length_diff: dict[int, Interval]  # clip seconds -> full - no_syncrope on order_long
     length_slope: Interval | None  # that difference's slope per second (None: one length only)
+    ceiling: ToyRow | None = None  # the toy base with all tokens (CEILING), not one of the rows
+    chance: dict[str, float] = field(default_factory=dict)  # probe -> mean 1/options (known options only)
+
+    def at_chance(self, probe: str) -> bool:
+        """Whether the base with all tokens answers ``probe`` at chance (its interval reaches chance)."""
+        if self.ceiling is None or probe not in self.chance or probe not in self.ceiling.probe_acc:
+            return False
+        return self.ceiling.probe_acc[probe].interval.low <= self.chance[probe]
 
     @property
     def probes(self) -> list[str]:
@@ -253,11 +350,15 @@ ALIASING_ROWS = (("cs2_ste_20", "Sync-RoPE (full)"), ("ablation_no_syncrope", "T
 SUPPORT = {"reproduced": "supported", "refuted": "contradicted", "unresolved": "unresolved"}
 
 
-def toy_statistics(rows: list[ToyRow], questions: dict[str, dict[str, Any]], resamples: int = 2000) -> ToyTable:
+def toy_statistics(
+    rows: list[ToyRow], questions: dict[str, dict[str, Any]], resamples: int = 2000, ceiling: SeedRun | None = None
+) -> ToyTable:
     """Intervals, paired differences with the full row, per-probe numbers, orderings and hypothesis verdicts.
 
-    ``questions``: question id -> ``{"category", "seconds"}`` (the test split's jsonl rows); columns
-    follow the first row's first seed, and every run must have answered every question.
+    ``questions``: question id -> ``{"category", "seconds"}`` and, where known, ``"chance"`` (1 / number
+    of options; the test split's jsonl rows); columns follow the first row's first seed, and every run
+    must have answered every question. ``ceiling``: the toy base tested with all tokens (:func:`run_ceiling`),
+    tabulated beside the rows and read against chance per probe.
     """
     import numpy as np
 
@@ -280,6 +381,18 @@ def toy_statistics(rows: list[ToyRow], questions: dict[str, dict[str, Any]], res
             r.probe_acc[c] = row_accuracy(r.matrix[:, cols], resamples)
             if full is not None and r is not full:
                 r.probe_diff[c] = paired_difference(r.matrix[:, cols], full.matrix[:, cols], resamples)
+    ceiling_row = None
+    if ceiling is not None:
+        ceiling_row = ToyRow(CEILING, CEILING_NAME, float("nan"), [ceiling])
+        _, ceiling_row.matrix = align([ceiling.correct], qids)
+        ceiling_row.acc = row_accuracy(ceiling_row.matrix, resamples)
+        for c in dict.fromkeys(cats):
+            ceiling_row.probe_acc[c] = row_accuracy(ceiling_row.matrix[:, cat_arr == c], resamples)
+    chance = {}
+    for c in dict.fromkeys(cats):
+        odds = [questions[q]["chance"] for q in qids if questions[q]["category"] == c and "chance" in questions[q]]
+        if len(odds) == int((cat_arr == c).sum()):
+            chance[c] = float(np.mean(odds))
     order = orderings({r.recipe: r.matrix for r in rows}, {k: p for k, _, p in ROWS}, cats, resamples)
     present = {r.recipe for r in rows}
     hyps = []
@@ -310,17 +423,25 @@ def toy_statistics(rows: list[ToyRow], questions: dict[str, dict[str, Any]], res
                 cols = long_cols[lengths == L]
                 length_diff[int(L)] = paired_difference(sync.matrix[:, cols], tm.matrix[:, cols], resamples)
             slope = paired_slope(sync.matrix[:, long_cols], tm.matrix[:, long_cols], lengths, resamples)
-    return ToyTable(rows, qids, cats, secs, order, hyps, by_length, length_diff, slope)
+    table = ToyTable(rows, qids, cats, secs, order, hyps, by_length, length_diff, slope, ceiling_row, chance)
+    for h in hyps:
+        if ceiling_row is not None and h.probe in ceiling_row.probe_acc:
+            h.ceiling = ceiling_row.probe_acc[h.probe].interval
+            h.at_chance = table.at_chance(h.probe)
+    return table
 
 
-def question_info(result: FitTestResult) -> dict[str, dict[str, Any]]:
-    """Question id -> category and clip seconds, from the test split's jsonl rows (synthetic benchmark)."""
-    info = {r.question_id: {"category": r.category, "seconds": None} for r in result.outcomes}
-    bench = getattr(getattr(result.cli.datamodule, "source", None), "bench", None)
+def question_info(outcomes: Sequence[QuestionOutcome], datamodule: Any) -> dict[str, dict[str, Any]]:
+    """Question id -> category, clip seconds and chance (1 / options), from the test split's jsonl rows
+    (synthetic benchmark)."""
+    info: dict[str, dict[str, Any]] = {r.question_id: {"category": r.category, "seconds": None} for r in outcomes}
+    bench = getattr(getattr(datamodule, "source", None), "bench", None)
     if bench is not None:
         for row in bench.rows("test"):
             if row["question_id"] in info:
                 info[row["question_id"]]["seconds"] = row.get("seconds")
+                if row.get("options"):
+                    info[row["question_id"]]["chance"] = 1.0 / len(row["options"])
     return info
 
 
@@ -359,8 +480,13 @@ def _diff(d: Interval | None) -> str:
     return "-" if d is None else d.pct(signed=True)
 
 
-def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, quick: bool) -> Path:
-    """The toy report: md (hypotheses, tables, orderings, verdicts), csv per row, csv per question, two figures."""
+def write_outputs(
+    out_dir: Path, table: ToyTable, command: str, elapsed: float, quick: bool, rows_source: str | None = None
+) -> Path:
+    """The toy report: md (hypotheses, tables, orderings, verdicts), csv per row, csv per question, two figures.
+
+    ``rows_source``: where the rows came from when they were not trained by this run (``--rows-from``).
+    """
     from ep_kit.probes import FULL, PROBES, hypotheses_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +494,7 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
     names = {k: n for k, n, _ in ROWS}
     probes = table.probes
     seeds = max(len(r.runs) for r in table.rows)
-    first = table.rows[0].runs[0].records
+    first = (table.ceiling or table.rows[0]).runs[0].records
     n_video, n_audio = sum(o.n_video for o in first), sum(o.n_audio for o in first)
     counts = {c: table.categories.count(c) for c in probes}
     # one line per row, every number
@@ -388,20 +514,31 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
                         r.acc.seeds, r.acc.questions, *((d.estimate, d.low, d.high) if d else ("", "", "")),
                         r.metric("test/realised_keep_ratio"), r.metric("test/audio_share"),
                         *r.seed_accs, *[""] * (seeds - len(r.runs)), *per_probe])
+        if table.ceiling is not None:  # the reference: no paper number, no difference with the full row
+            r = table.ceiling
+            per_probe = []
+            for c in probes:
+                a = r.probe_acc[c].interval
+                per_probe += [a.estimate, a.low, a.high, "", "", ""]
+            w.writerow([r.name, r.recipe, "", r.acc.mean, r.acc.interval.low, r.acc.interval.high, r.acc.seed_std,
+                        r.acc.seeds, r.acc.questions, "", "", "", r.metric("test/realised_keep_ratio"),
+                        r.metric("test/audio_share"), *r.seed_accs, *[""] * (seeds - len(r.runs)), *per_probe])
     # one line per (row, seed, question): anyone can recompute every number above
     seconds = dict(zip(table.qids, table.seconds, strict=True))
     with (out_dir / f"{stem}_questions.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "seed", "question_id", "category", "seconds", "correct", "predicted", "kept_video",
-                    "kept_audio"])
-        for r in table.rows:
+                    "kept_audio", "n_video", "n_audio"])
+        for r in [*table.rows, *([table.ceiling] if table.ceiling is not None else [])]:
             for run in r.runs:
                 for o in run.records:
                     w.writerow([r.recipe, run.seed, o.question_id, o.category, seconds.get(o.question_id, ""),
-                                o.correct, o.predicted, o.kept_video, o.kept_audio])
+                                o.correct, o.predicted, o.kept_video, o.kept_audio, o.n_video, o.n_audio])
     lines = [
         *header_lines(command, quick),
-        f"Wall time: {elapsed / 60:.1f} min; seeds per row: {seeds}; toy accuracy = synthetic benchmark test split "
+        *([rows_source + ".  "] if rows_source else []),
+        ("Wall time of this run (the reference row and the report)" if rows_source else "Wall time")
+        + f": {elapsed / 60:.1f} min; seeds per row: {seeds}; toy accuracy = synthetic benchmark test split "
         "(chance 25%); paper = Daily-Omni accuracy of Qwen2.5-Omni-3B at a 20% budget.",
         *(["", "Smoke run (`--quick`): little data and a few training batches per row, so the accuracies say "
            "little; it checks that every row trains, evaluates and is tabulated."] if quick else []),
@@ -427,12 +564,21 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
         "| Realised keep ratio | Audio share of kept |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if table.ceiling is not None:
+        c_ = table.ceiling
+        lines.append(f"| {c_.name} | - | {c_.acc.interval.pct()} | - | - | "
+                     f"{c_.metric('test/realised_keep_ratio'):.3f} | {c_.metric('test/audio_share'):.3f} |")
     for r in table.rows:
         lines.append(f"| {r.name} | {r.paper:.2f} | {r.acc.interval.pct()} | {100 * r.acc.seed_std:.1f} | "
                      f"{_diff(r.diff)} | {r.metric('test/realised_keep_ratio'):.3f} | {r.metric('test/audio_share'):.3f} |")
     lines += ["", "## Accuracy per probe (%) [95% CI]", "", "| Row | " + " | ".join(f"`{c}`" for c in probes) + " |",
               "| --- |" + " ---: |" * len(probes)]
-    lines += [f"| {r.name} | " + " | ".join(r.probe_acc[c].interval.pct() for c in probes) + " |" for r in table.rows]
+    lines += [f"| {r.name} | " + " | ".join(r.probe_acc[c].interval.pct() for c in probes) + " |"
+              for r in ([table.ceiling] if table.ceiling is not None else []) + table.rows]
+    if table.ceiling is not None:
+        lines += ["", f"{CEILING_NAME}: the shipped toy base, not fine-tuned, its own TMRoPE, every token "
+                  f"(`ep-kit test` with `recipes/toy/{CEILING_CONFIGS[0]}` + `{CEILING_CONFIGS[1]}`), on the same "
+                  "questions: what the model answers before any reduction."]
     if table.row(FULL) is not None and len(table.rows) > 1:
         lines += ["", "## Difference with the full method per probe (points, row - full) [95% CI]", "",
                   "| Row | " + " | ".join(f"`{c}`" for c in probes) + " |", "| --- |" + " ---: |" * len(probes)]
@@ -440,10 +586,19 @@ def write_outputs(out_dir: Path, table: ToyTable, command: str, elapsed: float, 
                   for r in table.rows if r.recipe != FULL]
     lines += ["", *ordering_lines(table, "Toy", "probe")]
     lines += ["", "## Hypotheses: verdicts", "",
-              "Full - row on the probe's questions (points) [95% CI]; supported: above 0, contradicted: below 0.", "",
-              "| Probe | Full beats | Full - row (points) [95% CI] | Verdict |", "| --- | --- | ---: | --- |"]
+              "Full - row on the probe's questions (points) [95% CI]; supported: above 0, contradicted: below 0. "
+              "Base, all tokens: the toy base's accuracy on the probe before any reduction or fine-tuning.", "",
+              "| Probe | Full beats | Full - row (points) [95% CI] | Verdict | Base, all tokens (%) [95% CI] |",
+              "| --- | --- | ---: | --- | ---: |"]
     for h in table.hypotheses:
-        lines.append(f"| `{h.probe}` | {names.get(h.row, h.row)} | {_diff(h.diff)} | {h.verdict} |")
+        base = "not run" if h.ceiling is None else h.ceiling.pct() + (" (chance)" if h.at_chance else "")
+        lines.append(f"| `{h.probe}` | {names.get(h.row, h.row)} | {_diff(h.diff)} | {h.verdict} | {base} |")
+    blind = [p.name for p in PROBES if p.beats and table.at_chance(p.name)]
+    if blind:
+        lines += ["", "The toy base answers " + ", ".join(f"`{p}`" for p in blind) + " at chance with every token "
+                  f"(its interval reaches chance, {100 * max(table.chance[p] for p in blind):.0f}%): at this scale "
+                  "these probes cannot decide their hypotheses, whatever the verdict column says; a base that "
+                  "answers them with all tokens is needed first."]
     long_probe = next(p for p in PROBES if p.by_length)
     lines += ["", f"## Aliasing: `{long_probe.name}` accuracy against clip length", "",
               f"![aliasing]({stem}_aliasing.png)", "",
@@ -738,6 +893,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--rows", nargs="*", default=None, help="subset of recipe names (default: all, paper order)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tables",
                         help="where the table goes (default runs/tables; benchmarks/results holds the recorded ones)")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help=f"toy: skip the reference row ({CEILING_NAME}: the toy base tested with every token)")
+    parser.add_argument("--rows-from", type=Path, default=None, metavar="DIR",
+                        help="toy: recompute the report from a recorded run's per-question outcomes in DIR "
+                        "(e.g. benchmarks/results) instead of training the rows; the reference row still runs")
     parser.add_argument("--no-feature-cache", action="store_true",
                         help="run the frozen encoders on every batch (default: rows share <out>/feature_cache)")
     parser.add_argument("--override", action="append", default=[], metavar="ARG",
@@ -765,16 +925,35 @@ def main(argv: list[str] | None = None) -> Path:
         print(md.read_text())
         return md
     cache = None if args.no_feature_cache else args.out.resolve() / "feature_cache"
+    recorded = None
+    if args.rows_from is not None:  # its report's header, before the hypotheses file may overwrite it
+        md_path = args.rows_from / f"{toy_stem(args.quick)}.md"
+        recorded = recorded_run(md_path) if md_path.is_file() else None
     write_hypotheses_first(args.out, command, args.quick)  # on record before any row trains
     table_rows: list[ToyRow] = []
     questions: dict[str, dict[str, Any]] = {}
+    ceiling = rows_source = None
+    if not args.no_ceiling:
+        ceiling, questions = run_ceiling(args.scale, args.quick, cache, args.override)
+        print(f"[ablation] {CEILING}: test acc {ceiling.metrics['test/acc']:.4f} "
+              f"({len(ceiling.records)} questions)", flush=True)
+    if args.rows_from is not None:
+        tokens = {o.question_id: (o.n_video, o.n_audio) for o in ceiling.records} if ceiling else {}
+        table_rows, kept, rows_source = rows_from_recorded(args.rows_from, args.quick, [r[0] for r in rows], tokens)
+        rows_source = recorded or rows_source
+        if ceiling is not None and set(kept) != set(questions):
+            raise ValueError(f"--rows-from: the recorded rows' questions are not this test split's "
+                             f"({len(kept)} vs {len(questions)}): pass the recorded run's data arguments")
+        for q, info in kept.items():  # the chance of each question comes from the split, if it ran
+            info.update({k: v for k, v in questions.get(q, {}).items() if k == "chance"})
+        questions, rows = kept, []
     for recipe, name, paper in rows:
         row = ToyRow(recipe, name, paper)
         for seed in range(seeds):
             res = run_row(REPO / "recipes" / args.scale / f"{recipe}.yaml", seed, args.quick, cache, args.override)
             row.runs.append(SeedRun(seed, res.metrics, res.outcomes))
             if not questions:
-                questions = question_info(res)
+                questions = question_info(res.outcomes, res.cli.datamodule)
             m = res.metrics
             print(f"[ablation] {recipe} seed {seed}: test acc {m['test/acc']:.4f} "
                   f"(realised keep {m['test/realised_keep_ratio']:.3f}, {len(res.outcomes)} questions)", flush=True)
@@ -782,8 +961,8 @@ def main(argv: list[str] | None = None) -> Path:
     if cache is not None:
         print(f"[ablation] encoder feature cache: {sum(1 for _ in cache.rglob('*.safetensors'))} clips' "
               f"features in {cache}", flush=True)
-    table = toy_statistics(table_rows, questions)
-    md = write_outputs(args.out, table, command, time.time() - start, args.quick)
+    table = toy_statistics(table_rows, questions, ceiling=ceiling)
+    md = write_outputs(args.out, table, command, time.time() - start, args.quick, rows_source)
     print(md.read_text())
     return md
 

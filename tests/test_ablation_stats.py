@@ -104,8 +104,17 @@ def test_ablation_quick_toy_report(tmp_path):
     assert any(v in text for v in ("| reproduced |", "| refuted |", "| unresolved |"))
     # recompute every row's accuracy and per-seed accuracies from the per-question csv
     qrows = list(csv.DictReader((out / "ablation_toy_quick_questions.csv").open()))
-    assert {r["row"] for r in qrows} == {"cs2_ste_20", "ablation_causal"}
+    assert {r["row"] for r in qrows} == {"cs2_ste_20", "ablation_causal", "base_all_tokens"}
     table = {r["recipe"]: r for r in csv.DictReader((out / "ablation_toy_quick.csv").open())}
+    # the reference row: the toy base tested once with every token, on the same 15 questions
+    base = table.pop("base_all_tokens")
+    base_q = [q for q in qrows if q["row"] == "base_all_tokens"]
+    assert {q["seed"] for q in base_q} == {"0"} and len(base_q) == 15
+    assert {q["question_id"] for q in base_q} == {q["question_id"] for q in qrows if q["row"] == "cs2_ste_20"}
+    assert all(q["kept_video"] != "0" for q in base_q)  # nothing dropped: every video token kept
+    assert float(base["mean_acc"]) == pytest.approx(statistics.fmean(int(q["correct"]) for q in base_q))
+    assert float(base["realised_keep_ratio"]) == pytest.approx(1.0)
+    assert "| Toy base, all tokens (reference) | - | " in text and "Base, all tokens (%) [95% CI]" in text
     for recipe, row in table.items():
         per_seed = defaultdict(list)
         for q in qrows:
@@ -122,6 +131,26 @@ def test_ablation_quick_toy_report(tmp_path):
     assert diff == pytest.approx(float(table["ablation_causal"]["mean_acc"]) - float(table["cs2_ste_20"]["mean_acc"]))
     for png in ("ablation_toy_quick.png", "ablation_toy_quick_aliasing.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --rows-from: the same report recomputed from the recorded answers, no row trained again
+    trained = len(seen_before_training)
+    again = tmp_path / "again"
+    md2 = ab.main(["--scale", "toy", "--quick", "--rows", "cs2_ste_20", "ablation_causal", "--rows-from", str(out),
+                   "--out", str(again), *overrides])
+    assert len(seen_before_training) == trained
+    table2 = {r["recipe"]: r for r in csv.DictReader((again / "ablation_toy_quick.csv").open())}
+    table2.pop("base_all_tokens")
+    assert set(table2) == set(table)
+    for recipe, row in table.items():
+        for col in ("mean_acc", "ci_low", "ci_high", "diff_vs_full", "realised_keep_ratio"):
+            assert table2[recipe][col] == row[col], (recipe, col)
+        for col in ("seed_0", "seed_1"):  # logged in float32 by the run, recomputed in float64 here
+            assert float(table2[recipe][col]) == pytest.approx(float(row[col]), abs=1e-6)
+    text2 = md2.read_text()
+    assert "Rows: recomputed, without training" in text2 and "ablation_toy_quick_questions.csv" in text2
+    recorded_commit = next(ln for ln in text.splitlines() if ln.startswith("Commit: `")).split("`")[1]
+    recorded_wall = text.split("Wall time: ", 1)[1].split(";")[0]
+    assert f"its commit `{recorded_commit}`, wall time {recorded_wall})" in text2
+    assert text2.split("## Table")[1] == text.split("## Table")[1]  # every number after the header
 
 
 def _fake_rows(ab, n_per_probe: int = 48):
@@ -165,9 +194,22 @@ def _fake_rows(ab, n_per_probe: int = 48):
 
 def test_toy_report_on_known_outcomes(tmp_path):
     ab = load_script("ablation")
+    from ep_kit.train.metrics import QuestionOutcome
+
     rows, questions = _fake_rows(ab)
-    table = ab.toy_statistics(rows, questions, resamples=500)
+    # the base, all tokens: right on every question but the `query` ones (at chance there: 1 in 4 right)
+    base = [QuestionOutcome("synthetic_av", q, questions[q]["category"],
+                            int(questions[q]["category"] != "query" or int(q.rsplit("-", 1)[1]) % 4 == 0), "A", 10, 40, 10, 40)
+            for q in questions]
+    for q in questions.values():
+        q["chance"] = 0.25
+    table = ab.toy_statistics(rows, questions, resamples=500, ceiling=ab.SeedRun(0, {"test/acc": 0.9}, base))
+    assert table.at_chance("query") and not any(table.at_chance(c) for c in ("binding", "order_long", "quota"))
+    assert table.ceiling.probe_acc["binding"].mean == 1.0
+    assert table.ceiling.probe_acc["query"].mean == pytest.approx(0.25)
     verdicts = {(h.probe, h.row): h for h in table.hypotheses}
+    assert verdicts[("query", "ablation_causal")].at_chance
+    assert not verdicts[("order_long", "ablation_no_syncrope")].at_chance
     assert verdicts[("query", "ablation_causal")].verdict == "supported"
     assert verdicts[("query", "ablation_causal")].diff.estimate == pytest.approx(1.0)
     assert verdicts[("order_long", "ablation_no_syncrope")].verdict == "supported"
@@ -187,7 +229,9 @@ def test_toy_report_on_known_outcomes(tmp_path):
     assert "| Sync-RoPE - TMRoPE (points) | +0.0 [0.0, 0.0] | +25.0 [" in text
     assert "grows with length" in text
     assert "| EchoingPixels (full) > Causal attention | +4.59 | +16.7 [12.5, 21.5] | reproduced | `query` |" in text
-    assert "| `query` | Causal attention | +100.0 [100.0, 100.0] | supported |" in text
+    assert "| `query` | Causal attention | +100.0 [100.0, 100.0] | supported | " in text
+    assert "(chance) |" in text.split("| `query` | Causal attention |")[1].splitlines()[0]
+    assert "The toy base answers `query` at chance with every token" in text
     assert "`order_long` 48" in text and "Video share of the A/V input tokens: 0.200" in text
     assert (tmp_path / "ablation_toy_aliasing.png").read_bytes()[:4] == b"\x89PNG"
 
